@@ -1,0 +1,65 @@
+# mml-recall: two commands on a fresh machine.
+#   make run   prepare data, train a quick profile if no bundle exists, export, serve on localhost:8000
+#   make test  set up and run the test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ART ?= artifacts
+DATA ?= $(ART)/data/ml-1m
+RUN ?= $(ART)/runs/quick
+BUNDLE ?= $(ART)/bundles/quick
+PORT ?= 8000
+# Data comes from the official sources unless a mirror is named. When this checkout sits next to
+# the read-only mirror in ../shared/datasets, use it (the machine has no internet access).
+MML_DATA_MIRROR ?= $(if $(wildcard ../shared/datasets/ml-1m/ratings.dat),$(abspath ../shared/datasets),)
+export MML_DATA_MIRROR
+
+.PHONY: help setup run test bench results lint data features train export serve clean
+
+help:
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[training,serving,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the project
+
+data: $(STAMP) ## download (or mirror) ML-1M and build the cold-start split
+	$(BIN)/mml data prepare --out $(DATA)
+
+features: data ## encode item text and posters with the pretrained encoders
+	$(BIN)/mml data features --data $(DATA)
+
+train: features ## train the quick profile (skipped when a bundle exists)
+	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists: not retraining"; \
+	else $(BIN)/mml train --data $(DATA) --profile quick --out $(RUN); fi
+
+export: train ## export the trained run to a serving bundle
+	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists"; \
+	else $(BIN)/mml export --run $(RUN) --out $(BUNDLE); fi
+
+serve: $(STAMP) ## serve the bundle on localhost:$(PORT)
+	$(BIN)/mml serve --bundle $(BUNDLE) --host 127.0.0.1 --port $(PORT)
+
+run: export serve ## everything: data -> features -> train -> export -> serve
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/pytest -q
+
+bench: $(STAMP) ## benchmarks -> docs/results/bench.json
+	$(BIN)/mml bench --out docs/results/bench.json
+
+results: features ## regenerate the evaluation report from scratch
+	$(BIN)/mml evaluate --data $(DATA) --out docs/results
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(ART) .cache

@@ -1,0 +1,1 @@
+"""The MML model: one small module per equation of the paper."""

@@ -1,0 +1,1 @@
+"""The recall service (FastAPI). Imports no torch on its default path."""

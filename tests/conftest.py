@@ -1,0 +1,42 @@
+"""Shared fixtures. Integration fixtures build real artefacts from the ML-1M mirror once per
+machine under .cache/test-artifacts (git-ignored); the stages' own caches make reruns cheap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    value = os.environ.get("MML_DATA_MIRROR")
+    if not value:
+        pytest.skip("MML_DATA_MIRROR is not set: integration tests on the full ML-1M mirror skipped")
+    path = Path(value).resolve()
+    if not (path / "ml-1m" / "ratings.dat").exists():
+        pytest.fail(f"MML_DATA_MIRROR={value} has no ml-1m/ratings.dat")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml1m_dir(mirror: Path) -> Path:
+    """The default cold-start split of ML-1M, prepared from the mirror."""
+    from training.data.prepare import prepare_dataset
+
+    out = CACHE / "ml-1m"
+    prepare_dataset(out=out, mirror=mirror)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ml1m_features_dir(ml1m_dir: Path) -> Path:
+    """ml1m_dir with features.npz and the ONNX encoders added."""
+    from training.features.encode import compute_features
+
+    compute_features(ml1m_dir)
+    return ml1m_dir

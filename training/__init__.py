@@ -1,0 +1,1 @@
+"""Training side of mml-recall: data -> features -> three-stage meta-training -> export."""
