@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from mml.encoders import item_text as encoder_text
 from mml.errors import DataError
 from training.data.generic import DataWarning, SourceTables
 
@@ -77,16 +78,14 @@ def id_order(ids: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def item_text(items: pd.DataFrame) -> list[str]:
-    """Encoder input: 'title (year) | Genre, Genre | description', empty parts left out."""
-    texts = []
-    for title, year, genres, description in zip(
-        items["title"], items["year"], items["genres"], items["description"], strict=True
-    ):
-        head = title if pd.isna(year) else f"{title} ({int(year)})"
-        parts = [head, ", ".join(g for g in genres.split("|") if g), description]
-        texts.append(" | ".join(part for part in parts if part))
-    return texts
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """Encoder input per item, built by the one function the service uses too (mml.encoders.item_text)."""
+    return [
+        encoder_text(title, None if pd.isna(year) else int(year), genres, description or None)
+        for title, year, genres, description in zip(
+            items["title"], items["year"], items["genres"], items["description"], strict=True
+        )
+    ]
 
 
 @dataclass
@@ -173,7 +172,7 @@ def make_split(tables: SourceTables, options: SplitOptions) -> ColdStartSplit:
             "title": ordered["title"].astype(str),
             "year": ordered["year"].astype("Int32"),
             "genres": ordered["genres"].astype(str),
-            "text": item_text(ordered),
+            "text": item_texts(ordered),
             "image_path": pd.Series(list(ordered["image"]), dtype=object),
             "is_old": is_old_item[catalogue_order],
         }
