@@ -1,0 +1,310 @@
+"""Load a serving bundle (torch-free): verify it, then build every runtime object it describes.
+
+    bundle = load_bundle("artifacts/bundles/quick")       # BundleError if anything is wrong
+    query, bias = bundle.query(bundle.histories([[12, 7, 430]]))
+    scores = bundle.scores(query[0], bias[0])           # (N+1,) fused scores, row 0 (pad) = -inf
+
+Order of work in `load_bundle`:
+1. `mml.bundle.verify_bundle`: the format version and the size + sha256 of every listed file.
+2. Each file this loader reads is read into memory once and its sha256 checked again on those
+   bytes, so what was verified is exactly what gets loaded (a file replaced between the two steps
+   is refused, not half-used).
+3. Tables (npz), the fused item matrix items_concat = [id_emb | text_vec | image_vec], the Faiss
+   neighbour index, the encoder spec, one ONNX Runtime session per graph (checked against the
+   graph contract `GRAPH_IO` below).
+4. Only when all of that succeeded is a `LoadedBundle` built and returned. Any failure raises
+   `BundleError` and leaves no object behind: a caller that holds a working bundle keeps it.
+
+The names below (`GRAPH_IO`, `GRAPH_FILES`, `TABLE_COLUMNS`, ...) are the one definition of the
+layout in `mml/bundle.py`'s docstring; the exporter (`training/export`) writes against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from mml.bundle import Manifest, verify_bundle
+from mml.errors import BundleError, MMLError
+
+# --- the layout ---------------------------------------------------------------------------------
+TABLES_FILE = "tables/items.npz"
+INDEX_FILE = "index/neighbours.faiss"
+ENCODERS_DIR = "encoders"
+TORCH_DIR = "torch"  # state_dict + model config for warm-up with gradients (needs torch; optional)
+TORCH_STATE = f"{TORCH_DIR}/state_dict.pt"
+TORCH_CONFIG = f"{TORCH_DIR}/model.json"
+
+# role -> (input names, output names). Shapes (B = batch, dynamic; L = dims.max_len, fixed):
+#   item_emb (B,L,d) f32, text (B,L,text_dim) f32, image (B,L,image_dim) f32, image_mask (B,L) bool,
+#   valid (B,L) bool right-padded; hidden* (B,L,d); weights (B,3) in the order id, text, image;
+#   query (B,3d) and bias (B,): fused score of item i = items_concat[i] . query + bias.
+#   generator: z_text (B,text_dim), z_image (B,image_dim), z_mask (B,) bool, nb_* (B,K,...),
+#   nb_mask (B,K) bool, nb_id (B,K,d) -> id_emb (B,d). item_tower: (B,...) -> (B,d), (B,d).
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "learner_id": (("item_emb", "text", "image", "image_mask", "valid"), ("hidden",)),
+    "learner_text": (("text", "valid"), ("hidden",)),
+    "learner_image": (("image", "image_mask", "valid"), ("hidden",)),
+    "fusion": (("hidden_id", "hidden_text", "hidden_image", "valid"), ("weights", "query", "bias")),
+    "recall": (("item_emb", "text", "image", "image_mask", "valid"), ("weights", "query", "bias")),
+    "generator": (
+        ("z_text", "z_image", "z_mask", "nb_text", "nb_image", "nb_mask", "nb_id"),
+        ("id_emb",),
+    ),
+    "item_tower": (("text", "image", "image_mask"), ("text_vec", "image_vec")),
+}
+GRAPH_FILES = {role: f"graphs/{role}.onnx" for role in GRAPH_IO}
+
+# tables/items.npz, one row per catalogue row (row = item_idx, row 0 = pad)
+TABLE_COLUMNS = (
+    "item_id",  # (N+1,) str, "" at row 0
+    "is_old",  # (N+1,) bool: rows 1..n_old_items
+    "id_emb",  # (N+1, d) f32: trained ID embeddings of old items, generated ones for new items (Eq. 14-17)
+    "text_vec",  # (N+1, d) f32: the text learner's projected item vectors
+    "image_vec",  # (N+1, d) f32: the image learner's projected item vectors ("missing" vector without poster)
+    "text",  # (N+1, text_dim) f32: raw text features
+    "image",  # (N+1, image_dim) f32: raw image features (zeros without poster)
+    "image_mask",  # (N+1,) bool: has a poster
+    "popularity",  # (N+1,) int64: interactions in D_old (popularity fallback)
+)
+
+
+def _neighbour_index(index: Any, item_idx: np.ndarray):
+    """A `mml.neighbours.NeighbourIndex` around an already built Faiss index (search is the same code
+    path as training's neighbour table)."""
+    from mml.neighbours import NeighbourIndex
+
+    class LoadedNeighbourIndex(NeighbourIndex):
+        def __init__(self) -> None:  # the index is read from the bundle, not rebuilt from features
+            self.item_idx = np.asarray(item_idx, dtype=np.int64)
+            self.index = index
+            self.text_dim = None
+
+    return LoadedNeighbourIndex()
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """Everything a recall replica needs, read-only after loading (ONNX Runtime sessions are
+    thread-safe for `run`)."""
+
+    root: Path
+    manifest: Manifest
+    tables: MappingProxyType  # TABLE_COLUMNS -> np.ndarray (read-only arrays)
+    items_concat: np.ndarray  # (N+1, 3d) f32 = [id_emb | text_vec | image_vec]
+    row_of: MappingProxyType  # item_id -> catalogue row
+    neighbours: Any  # mml.neighbours.NeighbourIndex over old items (Eq. 14)
+    sessions: MappingProxyType  # role -> onnxruntime.InferenceSession
+    encoders_dir: Path | None  # text.onnx, tokenizer.json, image.onnx, encoders.json (None: not shipped)
+    torch_dir: Path | None  # torch/ state_dict + model.json (None: not shipped)
+    load_seconds: float = field(default=0.0)
+
+    @property
+    def dims(self):
+        return self.manifest.dims
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    def run(self, role: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one graph by role; returns its outputs by name."""
+        if role not in self.sessions:
+            raise MMLError(f"bundle {self.root} has no graph '{role}' (has {sorted(self.sessions)})")
+        outputs = GRAPH_IO[role][1]
+        return dict(zip(outputs, self.sessions[role].run(list(outputs), feeds), strict=True))
+
+    def histories(self, rows: list[list[int]] | list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Catalogue-row histories (oldest first) -> right-padded learner inputs (B, L, ...). A
+        history longer than max_len keeps its most recent max_len items; an empty one is all-pad."""
+        dims, t = self.dims, self.tables
+        length = dims.max_len
+        seq = np.zeros((len(rows), length), dtype=np.int64)
+        for b, history in enumerate(rows):
+            history = np.asarray(history, dtype=np.int64)[-length:]
+            if len(history) and (history.min() < 1 or history.max() > dims.n_items):
+                raise MMLError(f"history {b}: rows must be in 1..{dims.n_items}")
+            seq[b, : len(history)] = history
+        return {
+            "item_emb": t["id_emb"][seq],
+            "text": t["text"][seq],
+            "image": t["image"][seq],
+            "image_mask": t["image_mask"][seq],
+            "valid": seq > 0,
+        }
+
+    def query(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Learner inputs -> (query (B, 3d), bias (B,)) through recall.onnx."""
+        out = self.run("recall", **inputs)
+        return out["query"], out["bias"]
+
+    def scores(self, query: np.ndarray, bias: float) -> np.ndarray:
+        """One query (3d,) -> fused scores (N+1,) of the catalogue; row 0 (pad) is -inf."""
+        scores = self.items_concat @ np.asarray(query, dtype=np.float32) + np.float32(bias)
+        scores[0] = -np.inf
+        return scores
+
+
+def _read_verified(root: Path, manifest: Manifest, rel: str) -> bytes:
+    entries = {f.path: f for f in manifest.files}
+    if rel not in entries:
+        raise BundleError(f"{root}: the manifest does not list {rel}")
+    data = (root / rel).read_bytes()
+    if len(data) != entries[rel].bytes or hashlib.sha256(data).hexdigest() != entries[rel].sha256:
+        raise BundleError(f"{root}: checksum mismatch for {rel}: the bundle was modified or corrupted")
+    return data
+
+
+def _load_tables(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    data = _read_verified(root, manifest, TABLES_FILE)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            missing = [c for c in TABLE_COLUMNS if c not in npz.files]
+            if missing:
+                raise BundleError(f"{root}/{TABLES_FILE}: missing column(s) {', '.join(missing)}")
+            tables = {c: npz[c] for c in TABLE_COLUMNS}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{root}/{TABLES_FILE}: unreadable ({exc})") from exc
+    dims = manifest.dims
+    rows = dims.n_items + 1
+    expected = {
+        "item_id": ((rows,), "U"),
+        "is_old": ((rows,), "b"),
+        "id_emb": ((rows, dims.d), "f"),
+        "text_vec": ((rows, dims.d), "f"),
+        "image_vec": ((rows, dims.d), "f"),
+        "text": ((rows, dims.text_dim), "f"),
+        "image": ((rows, dims.image_dim), "f"),
+        "image_mask": ((rows,), "b"),
+        "popularity": ((rows,), "i"),
+    }
+    for name, (shape, kind) in expected.items():
+        array = tables[name]
+        if array.shape != shape or array.dtype.kind != kind:
+            raise BundleError(
+                f"{root}/{TABLES_FILE}: column '{name}' is {array.dtype}{array.shape}, "
+                f"the manifest dims say kind '{kind}' {shape}"
+            )
+    for name in ("id_emb", "text_vec", "image_vec", "text", "image"):
+        tables[name] = np.ascontiguousarray(tables[name], dtype=np.float32)
+        if not np.isfinite(tables[name]).all():
+            raise BundleError(f"{root}/{TABLES_FILE}: column '{name}' has NaN or infinite values")
+    is_old = np.zeros(rows, dtype=bool)
+    is_old[1 : dims.n_old_items + 1] = True
+    if not np.array_equal(tables["is_old"], is_old):
+        raise BundleError(f"{root}/{TABLES_FILE}: is_old must mark exactly rows 1..{dims.n_old_items}")
+    for array in tables.values():
+        array.setflags(write=False)
+    return tables
+
+
+def _load_index(root: Path, manifest: Manifest):
+    import faiss
+
+    data = _read_verified(root, manifest, INDEX_FILE)
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise BundleError(f"{root}/{INDEX_FILE}: Faiss cannot read the index ({exc})") from exc
+    dims = manifest.dims
+    if index.ntotal != dims.n_old_items or index.d != dims.text_dim + dims.image_dim:
+        raise BundleError(
+            f"{root}/{INDEX_FILE}: index holds {index.ntotal} vectors of size {index.d}, expected "
+            f"{dims.n_old_items} old items of size {dims.text_dim + dims.image_dim}"
+        )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BundleError(f"{root}/{INDEX_FILE}: the neighbour index must use the inner product")
+    return _neighbour_index(index, np.arange(1, dims.n_old_items + 1))  # Faiss row r = item_idx r+1
+
+
+def _session(root: Path, manifest: Manifest, role: str, threads: int):
+    import onnxruntime as ort
+
+    rel = manifest.graphs[role]
+    data = _read_verified(root, manifest, rel)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs
+        raise BundleError(f"{root}/{rel}: ONNX Runtime cannot load graph '{role}' ({exc})") from exc
+    inputs, outputs = GRAPH_IO[role]
+    got_in = tuple(i.name for i in session.get_inputs())
+    got_out = tuple(o.name for o in session.get_outputs())
+    if sorted(got_in) != sorted(inputs) or sorted(got_out) != sorted(outputs):
+        raise BundleError(
+            f"{root}/{rel}: graph '{role}' has inputs {list(got_in)} and outputs {list(got_out)}, "
+            f"the contract says {list(inputs)} -> {list(outputs)}"
+        )
+    return session
+
+
+def load_bundle(
+    root: str | Path, intra_op_num_threads: int = 1, roles: tuple[str, ...] | None = None
+) -> LoadedBundle:
+    """Verify and load a bundle. `roles`: the graphs to open (default: every graph the manifest
+    lists); `intra_op_num_threads`: ONNX Runtime threads per graph (1 = one request per core)."""
+    import time
+
+    start = time.perf_counter()
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle directory")
+    if intra_op_num_threads < 1:
+        raise BundleError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
+    manifest = verify_bundle(root)
+    unknown = sorted(set(manifest.graphs) - set(GRAPH_IO))
+    if unknown:
+        raise BundleError(f"{root}: manifest lists unknown graph role(s) {unknown}")
+    roles = tuple(manifest.graphs) if roles is None else roles
+    missing = [role for role in roles if role not in manifest.graphs]
+    if missing:
+        raise BundleError(f"{root}: manifest has no graph(s) {missing}")
+
+    tables = _load_tables(root, manifest)
+    items_concat = np.ascontiguousarray(
+        np.concatenate([tables["id_emb"], tables["text_vec"], tables["image_vec"]], axis=1)
+    )
+    items_concat.setflags(write=False)
+    row_of = {str(item_id): row for row, item_id in enumerate(tables["item_id"]) if row > 0}
+    if len(row_of) != manifest.dims.n_items:
+        raise BundleError(f"{root}/{TABLES_FILE}: item ids are not unique")
+    neighbours = _load_index(root, manifest)
+
+    listed = {f.path for f in manifest.files}
+    encoders_dir = None
+    if any(path.startswith(ENCODERS_DIR + "/") for path in listed):
+        from mml.encoders import ENCODER_FILES, load_spec
+
+        absent = [n for n in ENCODER_FILES if f"{ENCODERS_DIR}/{n}" not in listed]
+        if absent:
+            raise BundleError(f"{root}/{ENCODERS_DIR}: missing {', '.join(absent)}")
+        try:
+            load_spec(root / ENCODERS_DIR)
+        except MMLError as exc:
+            raise BundleError(str(exc)) from exc
+        encoders_dir = root / ENCODERS_DIR
+    torch_dir = root / TORCH_DIR if {TORCH_STATE, TORCH_CONFIG} <= listed else None
+
+    sessions = {role: _session(root, manifest, role, intra_op_num_threads) for role in roles}
+    return LoadedBundle(
+        root=root,
+        manifest=manifest,
+        tables=MappingProxyType(tables),
+        items_concat=items_concat,
+        row_of=MappingProxyType(row_of),
+        neighbours=neighbours,
+        sessions=MappingProxyType(sessions),
+        encoders_dir=encoders_dir,
+        torch_dir=torch_dir,
+        load_seconds=time.perf_counter() - start,
+    )

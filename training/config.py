@@ -1,0 +1,140 @@
+"""TrainConfig: the three-stage meta-training of MML (paper Sec. 4.4) and its profiles.
+
+`paper` = the paper's / reference code's settings (docs/model.md lists every deviation);
+`quick` = a couple of minutes on 2 CPU cores (used by `make run` and the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.config import ModelConfig
+
+Loss = Literal["bpr", "ce"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Frozen):
+    """How an old user's history becomes a meta-training task (docs/model.md, "tasks")."""
+
+    window: Literal["sampled", "recent"] = Field(
+        "sampled",
+        description="sampled: each epoch a random contiguous window of the history; recent: the most recent "
+        "items (what the reference's max-length truncation does)",
+    )
+    min_len: int = Field(
+        10, ge=3, description="shortest sampled window (items incl. the query); 10 = a new user's length"
+    )
+    max_len: int | None = Field(None, ge=3, description="longest window; None (or more) = model max_len + 1")
+
+
+class Stage1Config(_Frozen):
+    """MAML for each learner (Sec. 4.4.2, Eq. 18-20)."""
+
+    epochs: int = Field(10, ge=0, description="meta epochs (paper 5.1.3: 10)")
+    meta_batch: int = Field(
+        256,
+        ge=1,
+        description="tasks (users) per global update. Paper 5.1.3: batch 2048, i.e. 3 Adam steps per epoch on "
+        "ML-1M's 5,365 old users; measured to leave the ID learner at chance (docs/model.md), so 256",
+    )
+    chunk: int = Field(256, ge=1, description="tasks per vmapped chunk: bounds memory, not the maths")
+    inner_steps: int = Field(5, ge=0, description="local updates per task (paper 5.1.3: 5)")
+    inner_lr: float = Field(1e-3, gt=0.0, description="local SGD learning rate alpha (paper 5.1.3: 1e-3)")
+    first_order: bool = Field(
+        True, description="first-order MAML (the reference); False = exact second order"
+    )
+    loss: Loss = Field("bpr", description="bpr: one uniform negative per positive (paper); ce: full softmax")
+    lr_id: float = Field(1e-3, gt=0.0, description="global Adam lr beta, ID learner (paper: 5e-4..1e-3)")
+    lr_text: float = Field(3e-3, gt=0.0, description="global Adam lr, text learner (reference: 3e-3..5e-3)")
+    lr_image: float = Field(3e-3, gt=0.0, description="global Adam lr, image learner (reference: 3e-3..5e-3)")
+
+
+class Stage2Config(_Frozen):
+    """The cold-start item embedding generator (Sec. 4.4.2 stage 2)."""
+
+    epochs: int = Field(10, ge=0, description="passes over the old users (reference: 10)")
+    batch: int = Field(256, ge=1, description="sequences per step")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
+    forget_rate: float = Field(
+        0.15, gt=0.0, lt=1.0, description="p0: share of old items forgotten per step (reference 0.10-0.15)"
+    )
+
+
+class Stage3Config(_Frozen):
+    """The fusion layer (Sec. 4.4.2 stage 3): simulated new items, cross-entropy over all items."""
+
+    epochs: int = Field(10, ge=0, description="passes over the sampled old users")
+    batch: int = Field(256, ge=1, description="sequences per step")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (reference: 1e-5..5e-4, 100 epochs)")
+    forget_rate: float = Field(0.15, gt=0.0, lt=1.0, description="p0 of stage 2, for the simulated new items")
+    user_fraction: float = Field(
+        0.25, gt=0.0, le=1.0, description="share of old users sampled (reference 0.10-0.25)"
+    )
+
+
+class WarmupConfig(_Frozen):
+    """Meta-test warm-up: local updates on each new user's support items (batched across users)."""
+
+    steps: int = Field(
+        5, ge=0, description="local SGD steps (0 = use the global parameters); = the inner loop's 5"
+    )
+    lr: float = Field(1e-3, gt=0.0, description="local SGD learning rate (= alpha)")
+    chunk: int = Field(256, ge=1, description="users per vmapped chunk")
+
+
+class TrainConfig(_Frozen):
+    profile: str = Field("paper", description="name of the profile these settings came from")
+    seed: int = Field(2020, description="seed of every random draw (reference: 2020)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    stage3: Stage3Config = Field(default_factory=Stage3Config)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    max_old_users: int | None = Field(None, ge=1, description="train on the first N old users only (tests)")
+    max_new_users: int | None = Field(
+        None, ge=1, description="validate on the first N new users only (tests)"
+    )
+    eval_tasks: int = Field(
+        256, ge=1, description="fixed tasks on which each stage's loss is measured before/after"
+    )
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+
+    @property
+    def window_max(self) -> int:
+        """Longest task window: tasks.max_len, capped at what the model reads (max_len inputs + 1 target)."""
+        return min(self.tasks.max_len or self.model.max_len + 1, self.model.max_len + 1)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {
+        "tasks": {"max_len": 21},
+        "stage1": {"epochs": 1, "meta_batch": 128, "chunk": 128, "inner_steps": 1},  # 42 Adam steps
+        "stage2": {"epochs": 1},
+        "stage3": {"epochs": 1},
+        "warmup": {"steps": 1},
+    },
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def profile(name: str, **overrides: Any) -> TrainConfig:
+    """A named profile with nested overrides, e.g. profile("quick", seed=1, stage1={"loss": "ce"})."""
+    if name not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {name!r}")
+    return TrainConfig.model_validate(_merge({"profile": name, **PROFILES[name]}, overrides))

@@ -1,0 +1,222 @@
+"""The ONNX graphs of a bundle: one small `nn.Module` per role of `mml.bundle_loader.GRAPH_IO`,
+exported with the TorchScript-based exporter (`dynamo=False`: the dynamo exporter needs onnxscript,
+which the project does not install), opset 17, a dynamic batch axis, no external data.
+
+Sequences have a FIXED length L = max_len (right-padded, `valid` marks real positions): the ID
+learner's position-pair weights W_te, W_im and the fusion's flatten(F^L) are sized by max_len, and a
+fixed L lets ONNX Runtime plan the graph once. A row with no valid position gives finite numbers
+(the attention mask is a large finite negative, model/attention.py), never NaN.
+
+Fusion in closed form (model/fusion.py): Eq. 9 normalises each learner's scores over the catalogue;
+with the catalogue's item mean mu_m and covariance C_m per learner baked into the graph as
+constants, the fused score is linear in the items: fused = items_concat @ query + bias. The graph
+outputs (weights, query, bias); the serving side does one matrix product for the whole catalogue.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mml.bundle_loader import GRAPH_IO
+from model.fusion import Fusion, closed_form
+from model.learners import IDLearner, ImageLearner, TextLearner, last_hidden
+from model.mml import MML
+
+OPSET = 17
+
+
+class IDLearnerGraph(nn.Module):
+    """learner_id: Eq. 1-8 on per-position inputs (no catalogue gather inside)."""
+
+    def __init__(self, learner: IDLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, item_emb, text, image, image_mask, valid):
+        return self.learner.encode(item_emb, text, image, image_mask, valid)
+
+
+class TextLearnerGraph(nn.Module):
+    def __init__(self, learner: TextLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, text, valid):
+        return self.learner.encode(text, valid)
+
+
+class ImageLearnerGraph(nn.Module):
+    def __init__(self, learner: ImageLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, image, image_mask, valid):
+        return self.learner.encode(image, image_mask, valid)
+
+
+class FusionGraph(nn.Module):
+    """fusion: Eq. 10-12 weights A, then Eq. 9 + 13 in closed form -> (weights, query, bias)."""
+
+    def __init__(self, fusion: Fusion, means: torch.Tensor, covs: torch.Tensor):
+        """means (3, d), covs (3, d, d): catalogue moments of the id, text and image item vectors."""
+        super().__init__()
+        self.fusion = fusion
+        self.register_buffer("means", means.to(torch.float32))
+        self.register_buffer("covs", covs.to(torch.float32))
+
+    def forward(self, hidden_id, hidden_text, hidden_image, valid):
+        weights = self.fusion.weights(hidden_id, hidden_text, hidden_image, valid)
+        users = [last_hidden(h, valid) for h in (hidden_id, hidden_text, hidden_image)]
+        moments = [(self.means[m], self.covs[m]) for m in range(len(users))]
+        query, bias = closed_form(self.fusion, users, weights, moments)
+        return weights, query, bias
+
+
+class RecallGraph(nn.Module):
+    """recall: the three learners and the fusion in one graph (the serving fast path)."""
+
+    def __init__(self, model: MML, fusion: FusionGraph):
+        super().__init__()
+        self.id_learner = model.id_learner
+        self.text_learner = model.text_learner
+        self.image_learner = model.image_learner
+        self.fusion = fusion
+
+    def forward(self, item_emb, text, image, image_mask, valid):
+        hidden_id = self.id_learner.encode(item_emb, text, image, image_mask, valid)
+        hidden_text = self.text_learner.encode(text, valid)
+        hidden_image = self.image_learner.encode(image, image_mask, valid)
+        return self.fusion(hidden_id, hidden_text, hidden_image, valid)
+
+
+class GeneratorGraph(nn.Module):
+    """generator: Eq. 15-17 from raw features of an item and of its K neighbours (searched outside)."""
+
+    def __init__(self, model: MML):
+        super().__init__()
+        self.generator = model.generator
+
+    def forward(self, z_text, z_image, z_mask, nb_text, nb_image, nb_mask, nb_id):
+        return self.generator(z_text, z_image, z_mask, nb_text, nb_image, nb_mask, nb_id)
+
+
+class ItemTowerGraph(nn.Module):
+    """item_tower: raw features -> the text and image learners' item vectors (a new item's row of
+    items_concat besides its generated ID embedding)."""
+
+    def __init__(self, model: MML):
+        super().__init__()
+        self.text_learner = model.text_learner
+        self.image_learner = model.image_learner
+
+    def forward(self, text, image, image_mask):
+        return self.text_learner.item_vectors(text), self.image_learner.item_vectors(image, image_mask)
+
+
+def graph_modules(model: MML, means: torch.Tensor, covs: torch.Tensor) -> dict[str, nn.Module]:
+    """role -> module, all in eval mode, sharing the model's parameters."""
+    fusion = FusionGraph(model.fusion, means, covs)
+    modules = {
+        "learner_id": IDLearnerGraph(model.id_learner),
+        "learner_text": TextLearnerGraph(model.text_learner),
+        "learner_image": ImageLearnerGraph(model.image_learner),
+        "fusion": fusion,
+        "recall": RecallGraph(model, fusion),
+        "generator": GeneratorGraph(model),
+        "item_tower": ItemTowerGraph(model),
+    }
+    return {role: module.eval() for role, module in modules.items()}
+
+
+@torch.no_grad()
+def example_inputs(model: MML, batch: int = 2) -> dict[str, dict[str, torch.Tensor]]:
+    """role -> inputs by name, shaped as the contract says, built from the model's catalogue (rows
+    1..batch, one full row and one of length 1 so masks are not constant)."""
+    cfg = model.cfg
+    length = cfg.max_len
+    seq = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n = length if b == 0 else 1
+        seq[b, :n] = (torch.arange(n) + b) % model.n_items + 1
+    valid = seq > 0
+    hidden = model.hidden(seq)
+    rows = torch.arange(1, batch + 1)
+    nb = model.neighbours[rows]
+    sequence = {
+        "item_emb": model.item_emb.weight[seq],
+        "text": model.text[seq],
+        "image": model.image[seq],
+        "image_mask": model.image_mask[seq],
+        "valid": valid,
+    }
+    inputs = {
+        "learner_id": sequence,
+        "learner_text": {"text": sequence["text"], "valid": valid},
+        "learner_image": {"image": sequence["image"], "image_mask": sequence["image_mask"], "valid": valid},
+        "fusion": {
+            "hidden_id": hidden["id"],
+            "hidden_text": hidden["text"],
+            "hidden_image": hidden["image"],
+            "valid": valid,
+        },
+        "recall": sequence,
+        "generator": {
+            "z_text": model.text[rows],
+            "z_image": model.image[rows],
+            "z_mask": model.image_mask[rows],
+            "nb_text": model.text[nb],
+            "nb_image": model.image[nb],
+            "nb_mask": model.image_mask[nb],
+            "nb_id": model.item_emb.weight[nb],
+        },
+        "item_tower": {
+            "text": model.text[rows],
+            "image": model.image[rows],
+            "image_mask": model.image_mask[rows],
+        },
+    }
+    return {role: {name: inputs[role][name] for name in GRAPH_IO[role][0]} for role in GRAPH_IO}
+
+
+def export_graph(module: nn.Module, role: str, inputs: dict[str, torch.Tensor], path: Path, doc: str) -> None:
+    """Export one role to `path` (a single self-contained .onnx file) and run the ONNX checker."""
+    names_in, names_out = GRAPH_IO[role]
+    axes = {name: {0: "batch"} for name in (*names_in, *names_out)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript exporter warns that it is deprecated and about traced shape arithmetic;
+        # the parity check after export is what tells whether a graph is right
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(inputs[name] for name in names_in),
+            str(path),
+            input_names=list(names_in),
+            output_names=list(names_out),
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            external_data=False,
+        )
+    module.eval()  # the exporter restores the wrapper's mode recursively: keep every submodule in eval
+    graph = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(graph)
+    graph.doc_string = doc
+    onnx.helper.set_model_props(graph, {"role": role})
+    onnx.save(graph, str(path))
+
+
+def run_torch(module: nn.Module, role: str, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The eager reference of a graph on the same inputs, as numpy by output name."""
+    module.eval()
+    with torch.inference_mode():
+        out = module(*(inputs[name] for name in GRAPH_IO[role][0]))
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: value.numpy() for name, value in zip(GRAPH_IO[role][1], out, strict=True)}

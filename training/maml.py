@@ -1,0 +1,285 @@
+"""Stage 1: MAML for each learner (paper Sec. 4.4.2, Eq. 18-20), batched over tasks with torch.func.
+
+Per task b (an old user's window, training/tasks.py):
+    local:   Theta_b <- Theta_b - alpha * grad_Theta Loss(support_b; Theta_b, Gamma)   (inner_steps times, Eq. 18)
+    global:  Theta <- Adam(mean_b grad_Theta Loss(query_b; Theta_b, Gamma))            (Eq. 19)
+             Gamma <- Adam(mean_b grad_Gamma Loss(query_b; Theta_b, Gamma))            (Eq. 20)
+
+The meta-gradient is taken at the adapted weights Theta_b and applied to the PRE-adaptation Theta
+(the reference applies Adam to the last task's adapted weights instead). First-order (default) treats
+d Theta_b / d Theta as the identity; second-order differentiates through the local updates.
+
+The local update runs for a whole chunk of tasks at once: `vmap(grad(loss))` over per-task copies of
+Theta (`functional_call`), randomness="different" so each task draws its own dropout masks. The
+paper sums the task losses (Eq. 19-20); we average them (the scale is absorbed by Adam) and average
+each task's loss over its positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from model.mml import LEARNERS, MML
+from training.config import Stage1Config, TrainConfig
+from training.losses import sequence_loss
+from training.tasks import TaskBatch, make_tasks, sample_windows
+
+Params = dict[str, torch.Tensor]
+Sims = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def theta(model: MML, name: str) -> Params:
+    """Theta of a learner: the parameters its local update changes (never the embedding layer)."""
+    learner = model.learner(name)
+    names = set(learner.theta_names())
+    return {n: p for n, p in learner.named_parameters() if n in names}
+
+
+def task_loss_fn(model: MML, name: str, kind: str, table: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """loss(theta, x, valid, sims, target, negative, mask) of ONE task (unbatched tensors): one causal
+    pass of the learner with parameters theta, the loss over the masked positions."""
+    learner = model.learner(name)
+
+    def loss(theta: Params, x, valid, sims: Sims, target, negative, mask) -> torch.Tensor:
+        batched_sims = None if sims is None else (sims[0].unsqueeze(0), sims[1].unsqueeze(0))
+        hidden = functional_call(learner, theta, (x.unsqueeze(0), valid.unsqueeze(0), batched_sims))
+        return sequence_loss(
+            kind, hidden, table, target.unsqueeze(0), negative.unsqueeze(0), mask.unsqueeze(0)
+        )
+
+    return loss
+
+
+def candidates(
+    model: MML,
+    name: str,
+    target: torch.Tensor,
+    negative: torch.Tensor,
+    kind: str,
+    n_candidates: int,
+    id_table: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(candidate table, target, negative) for `sequence_loss`. CE needs items 0..n_candidates; BPR
+    only the rows of the items in the batch (targets and negatives re-indexed into them), which saves
+    projecting the whole catalogue for the feature learners. `table`: the full table, if computed."""
+    if kind == "ce":
+        full = model.item_table(name, id_table) if table is None else table
+        return full[: n_candidates + 1], target, negative
+    items, inverse = torch.unique(torch.stack([target, negative]), return_inverse=True)
+    rows = model.item_rows(name, items, id_table) if table is None else table[items]
+    return rows, inverse[0], inverse[1]
+
+
+def adapt(
+    model: MML,
+    name: str,
+    params: Params,
+    inputs: tuple[torch.Tensor, torch.Tensor, Sims],
+    table: torch.Tensor,
+    target: torch.Tensor,
+    negative: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    lr: float,
+    kind: str,
+) -> Params:
+    """Local update (Eq. 18) of every task of a chunk at once -> per-task Theta, each (B, *shape).
+    Differentiable w.r.t. `params` and the inputs unless called under torch.no_grad()."""
+    x, valid, sims = inputs
+    loss = task_loss_fn(model, name, kind, table)
+    loss_grad = grad(loss)
+
+    def one_task(theta: Params, x, valid, sims, target, negative, mask) -> Params:
+        for _ in range(steps):
+            grads = loss_grad(theta, x, valid, sims, target, negative, mask)
+            theta = {k: theta[k] - lr * grads[k] for k in theta}
+        return theta
+
+    if steps == 0:
+        return {k: v.unsqueeze(0).expand(x.shape[0], *v.shape) for k, v in params.items()}
+    sims_dim = None if sims is None else 0
+    return vmap(one_task, in_dims=(None, 0, 0, sims_dim, 0, 0, 0), randomness="different")(
+        params, x, valid, sims, target, negative, mask
+    )
+
+
+def _detach_inputs(
+    inputs: tuple[torch.Tensor, torch.Tensor, Sims],
+) -> tuple[torch.Tensor, torch.Tensor, Sims]:
+    x, valid, sims = inputs
+    return x.detach(), valid, None if sims is None else (sims[0].detach(), sims[1].detach())
+
+
+def meta_loss(
+    model: MML,
+    name: str,
+    batch: dict[str, torch.Tensor],
+    cfg: Stage1Config,
+    n_candidates: int,
+    backward_weight: float | None = None,
+) -> float:
+    """Query loss of a chunk of tasks after their local updates (mean over tasks). With
+    `backward_weight`, accumulates backward_weight * d(loss)/d(Theta, Gamma) into .grad (the batched
+    meta-gradient); without, only evaluates."""
+    learner = model.learner(name)
+    params = theta(model, name)
+    grad_enabled = backward_weight is not None
+    with torch.set_grad_enabled(grad_enabled):
+        inputs = model.learner_inputs(name, batch["seq"])
+        table, target, negative = candidates(
+            model, name, batch["target"], batch["negative"], cfg.loss, n_candidates
+        )
+        support = (target, negative, batch["support"])
+        if cfg.first_order or not grad_enabled:
+            # First-order MAML: the local updates are computed outside the graph; the adapted weights
+            # re-enter it as Theta + (Theta_b - Theta), so d Theta_b / d Theta = I (explicit, not silent).
+            with torch.no_grad():
+                fixed = {k: v.detach() for k, v in params.items()}
+                adapted = adapt(
+                    model, name, fixed, _detach_inputs(inputs), table.detach(), *support,
+                    cfg.inner_steps, cfg.inner_lr, cfg.loss,
+                )  # fmt: skip
+            adapted = {k: params[k] + (adapted[k] - fixed[k]) for k in params}
+        else:
+            adapted = adapt(
+                model, name, params, inputs, table, *support, cfg.inner_steps, cfg.inner_lr, cfg.loss
+            )
+        x, valid, sims = inputs
+        query_loss = task_loss_fn(model, name, cfg.loss, table)
+        sims_dim = None if sims is None else 0
+        losses = vmap(query_loss, in_dims=(0, 0, 0, sims_dim, 0, 0, 0), randomness="different")(
+            adapted, x, valid, sims, target, negative, batch["query"]
+        )
+        loss = losses.mean()
+        if grad_enabled:
+            (loss * backward_weight).backward()
+    del learner
+    return float(loss.detach())
+
+
+def meta_loss_looped(
+    model: MML,
+    name: str,
+    batch: dict[str, torch.Tensor],
+    cfg: Stage1Config,
+    n_candidates: int,
+    backward_weight: float,
+) -> float:
+    """The same meta-gradient as `meta_loss` with a Python loop over tasks and torch.autograd (the
+    reference for tests and the speed benchmark): same inputs and maths; the local updates run task
+    by task, the query losses are summed and back-propagated once."""
+    params = theta(model, name)
+    inputs = model.learner_inputs(name, batch["seq"])
+    table, target, negative = candidates(
+        model, name, batch["target"], batch["negative"], cfg.loss, n_candidates
+    )
+    loss = task_loss_fn(model, name, cfg.loss, table)
+    x, valid, sims = inputs
+    n_tasks = x.shape[0]
+    queries = []
+    for b in range(n_tasks):
+        task = (x[b], valid[b], None if sims is None else (sims[0][b], sims[1][b]))
+        local = dict(params)
+        for _ in range(cfg.inner_steps):
+            support = loss(local, *task, target[b], negative[b], batch["support"][b])
+            grads = torch.autograd.grad(
+                support, list(local.values()), create_graph=not cfg.first_order, retain_graph=True
+            )
+            if cfg.first_order:  # first-order MAML: the local step is a constant shift of Theta
+                grads = [g.detach() for g in grads]
+            local = {k: v - cfg.inner_lr * g for (k, v), g in zip(local.items(), grads, strict=True)}
+        queries.append(loss(local, *task, target[b], negative[b], batch["query"][b]))
+    total = torch.stack(queries).mean()
+    (total * backward_weight).backward()
+    return float(total.detach())
+
+
+def learner_parameters(model: MML, name: str) -> list[torch.nn.Parameter]:
+    """Theta and Gamma of a learner: what its global update (Adam) changes."""
+    return list(theta(model, name).values()) + model.gamma_parameters(name)
+
+
+def learning_rate(cfg: Stage1Config, name: str) -> float:
+    return {"id": cfg.lr_id, "text": cfg.lr_text, "image": cfg.lr_image}[name]
+
+
+def stage1_tasks(
+    old_seqs: list[np.ndarray], cfg: TrainConfig, n_candidates: int, rng: np.random.Generator
+) -> TaskBatch:
+    """One task per old user (shuffled), windows as configured."""
+    windows = sample_windows(old_seqs, rng, cfg.tasks.window, cfg.tasks.min_len, cfg.window_max)
+    order = rng.permutation(len(windows))
+    return make_tasks([windows[i] for i in order], cfg.model.max_len, n_candidates, rng)
+
+
+def evaluate(model: MML, tasks: TaskBatch, cfg: Stage1Config, n_candidates: int) -> dict[str, float]:
+    """Mean query loss after local updates, dropout off, per learner (no parameter changes)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name in LEARNERS:
+        losses = []
+        for start in range(0, len(tasks), cfg.chunk):
+            part = tasks.rows(slice(start, start + cfg.chunk)).trimmed()
+            losses.append(meta_loss(model, name, part.torch(), cfg, n_candidates) * len(part))
+        out[name] = sum(losses) / len(tasks)
+    model.train(was_training)
+    return out
+
+
+def train_stage1(
+    model: MML,
+    old_seqs: list[np.ndarray],
+    cfg: TrainConfig,
+    eval_tasks: TaskBatch,
+    rng: np.random.Generator,
+    report: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Meta-train the three learners (each with its own Adam) on one task per old user per epoch."""
+    s1 = cfg.stage1
+    n_candidates = model.n_old_items  # stage 1 ranks old items only: new items never occur in D_old
+    optimisers = {
+        name: torch.optim.Adam(learner_parameters(model, name), lr=learning_rate(s1, name))
+        for name in LEARNERS
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in LEARNERS:
+        for p in learner_parameters(model, name):
+            p.requires_grad_(True)
+    initial = evaluate(model, eval_tasks, s1, n_candidates)
+    history: dict[str, list[float]] = {name: [] for name in LEARNERS}
+    model.train()
+    for epoch in range(s1.epochs):
+        tasks = stage1_tasks(old_seqs, cfg, n_candidates, rng)
+        sums = dict.fromkeys(LEARNERS, 0.0)
+        for start in range(0, len(tasks), s1.meta_batch):
+            meta_batch = tasks.rows(slice(start, start + s1.meta_batch))
+            # chunks only bound memory: sorting the meta-batch by length first changes nothing in the
+            # meta-gradient (a sum over its tasks) but lets each chunk drop its all-pad columns
+            meta_batch = meta_batch.rows(np.argsort(meta_batch.lengths(), kind="stable"))
+            for name in LEARNERS:
+                optimisers[name].zero_grad(set_to_none=True)
+                for c in range(0, len(meta_batch), s1.chunk):
+                    part = meta_batch.rows(slice(c, c + s1.chunk)).trimmed()
+                    weight = len(part) / len(meta_batch)
+                    sums[name] += meta_loss(model, name, part.torch(), s1, n_candidates, weight) * len(part)
+                optimisers[name].step()
+            if report:
+                done = start + len(meta_batch)
+                info = " ".join(f"{n}={sums[n] / done:.4f}" for n in LEARNERS)
+                report(epoch, done, f"epoch {epoch + 1}/{s1.epochs} {info}")
+        for name in LEARNERS:
+            history[name].append(sums[name] / max(len(tasks), 1))
+    final = evaluate(model, eval_tasks, s1, n_candidates)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {
+        name: {"initial_loss": initial[name], "final_loss": final[name], "epoch_losses": history[name]}
+        for name in LEARNERS
+    }

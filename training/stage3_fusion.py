@@ -1,0 +1,142 @@
+"""Stage 3: train the fusion layer (paper Sec. 4.4.2, stage 3), everything else frozen.
+
+Samples mimic a new user at meta-test: a window of S+1 consecutive items of a sampled old user
+(S = the new users' support size): the learners are warmed up on the S items' prefix pairs exactly
+as in `training.warmup` (cfg.warmup), then the fused scores of the S-item input must rank the
+(S+1)-th item first: cross-entropy over all catalogue items 1..N. New items are simulated as in
+stage 2 (each old item forgotten with probability p0 per step: its ID row is generated) and the real
+new items carry their generated rows (filled after stage 2). Scores live one batch at a time: memory
+is O(batch x N), never O(samples x N) (the reference stores every sample's full score vector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.mml import LEARNERS, MML
+from training.config import TrainConfig
+from training.stage2_generator import forget_mask
+from training.tasks import TaskBatch, pad_sequences, sample_windows, support_tasks
+from training.warmup import adapted_hidden
+
+
+def fusion_windows(old_seqs: list[np.ndarray], length: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, length) windows of `length` consecutive items, one per history long enough."""
+    return np.stack(sample_windows([s for s in old_seqs if len(s) >= length], rng, "sampled", length, length))
+
+
+@torch.no_grad()
+def frozen_tables(model: MML) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What stays fixed through stage 3: generated ID rows of every item (N+1, d) and the text and
+    image learners' item vectors."""
+    generated = model.generate(torch.arange(model.n_items + 1))
+    return generated, {name: model.item_table(name) for name in ("text", "image")}
+
+
+def fusion_loss(
+    model: MML,
+    windows: np.ndarray,
+    forget: torch.Tensor,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    frozen: tuple[torch.Tensor, dict[str, torch.Tensor]],
+) -> torch.Tensor:
+    """Mean cross-entropy of the fused scores of window[:-1] for window[-1] (after the warm-up)."""
+    generated, feature_tables = frozen
+    with torch.no_grad():
+        id_table = model.with_generated(forget, generated)
+    tables = {"id": id_table, **feature_tables}
+    inputs = windows[:, :-1]
+    support = support_tasks(inputs, cfg.model.max_len, model.n_items, rng).trimmed().torch()
+    seq = torch.as_tensor(pad_sequences(inputs, inputs.shape[1]))  # windows hold no padding
+    w = cfg.warmup
+    hidden = {
+        name: adapted_hidden(
+            model, name, support, seq, w.steps, w.lr, cfg.stage1.loss, id_table, tables[name]
+        )
+        for name in LEARNERS
+    }
+    fused, _ = model.fuse(hidden, seq > 0, tables=tables)
+    return F.cross_entropy(fused, torch.as_tensor(windows[:, -1], dtype=torch.long))
+
+
+def evaluate(
+    model: MML,
+    windows: np.ndarray,
+    forget: torch.Tensor,
+    cfg: TrainConfig,
+    batch: int,
+    frozen: tuple[torch.Tensor, dict[str, torch.Tensor]],
+) -> float:
+    total = 0.0
+    rng = np.random.default_rng(cfg.seed)
+    with torch.no_grad():
+        for start in range(0, len(windows), batch):
+            part = windows[start : start + batch]
+            total += float(fusion_loss(model, part, forget, cfg, rng, frozen)) * len(part)
+    return total / len(windows)
+
+
+def train_stage3(
+    model: MML,
+    old_seqs: list[np.ndarray],
+    support_size: int,
+    cfg: TrainConfig,
+    eval_tasks: TaskBatch,
+    rng: np.random.Generator,
+    report: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    s3 = cfg.stage3
+    length = support_size + 1
+    users = rng.permutation(len(old_seqs))[: max(1, int(round(s3.user_fraction * len(old_seqs))))]
+    sampled = [old_seqs[i] for i in users]
+    eval_windows = _eval_windows(eval_tasks, length)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.fusion.parameters():
+        p.requires_grad_(True)
+    torch_rng = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    eval_forget = forget_mask(model, s3.forget_rate, torch.Generator().manual_seed(cfg.seed))
+    model.eval()  # learners and generator frozen, no dropout; the fusion layer has none
+    frozen = frozen_tables(model)
+    initial = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
+    optimiser = torch.optim.Adam(model.fusion.parameters(), lr=s3.lr)
+    history = []
+    for epoch in range(s3.epochs):
+        windows = fusion_windows(sampled, length, rng)
+        windows = windows[rng.permutation(len(windows))]
+        total = 0.0
+        for start in range(0, len(windows), s3.batch):
+            part = windows[start : start + s3.batch]
+            loss = fusion_loss(model, part, forget_mask(model, s3.forget_rate, torch_rng), cfg, rng, frozen)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(part)
+            if report:
+                done = start + len(part)
+                report(epoch, done, f"epoch {epoch + 1}/{s3.epochs} ce={total / done:.4f}")
+        history.append(total / max(len(windows), 1))
+    final = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"initial_loss": initial, "final_loss": final, "epoch_losses": history, "users": len(sampled)}
+
+
+def _eval_windows(tasks: TaskBatch, length: int) -> np.ndarray:
+    """Fixed evaluation windows: the last `length` items of each evaluation task that has them."""
+    rows = []
+    for seq, target, query in zip(tasks.seq, tasks.target, tasks.query, strict=True):
+        if not query.any():
+            continue
+        end = int(query.argmax())
+        items = np.concatenate([seq[: end + 1], target[end : end + 1]])
+        if len(items) >= length:
+            rows.append(items[-length:])
+    if not rows:
+        raise ValueError(f"no evaluation task holds {length} items")
+    return np.stack(rows)

@@ -1,0 +1,125 @@
+"""Tasks and batches (paper Sec. 4.4.1). One task = one user's window w = (w_1 .. w_n):
+
+    input    x = (w_1 .. w_{n-1}) right-padded to max_len, one causal pass gives every prefix
+    target   y = (w_2 .. w_n)
+    support  positions 0 .. n-3: the prefix -> next-item pairs <w_1..w_j> -> w_{j+1}, j < n-1
+    query    position n-2: <w_1 .. w_{n-1}> -> w_n (the last item)
+
+A meta-training window is cut from an old user's D_old history (TaskConfig): `sampled` draws, each
+epoch, a contiguous window with a length uniform in [min_len, max_len] at a uniform position;
+`recent` takes the most recent max_len items. Histories shorter than 3 items make no task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+MIN_TASK_LEN = 3  # one support pair + the query
+
+
+@dataclass
+class TaskBatch:
+    seq: np.ndarray  # (B, L) int64 input items, right-padded with 0
+    target: np.ndarray  # (B, L) int64 next item at every position (0 where none)
+    negative: np.ndarray  # (B, L) int64 one sampled negative per position (BPR)
+    support: np.ndarray  # (B, L) bool positions of the support set
+    query: np.ndarray  # (B, L) bool position of the query (at most one per row)
+
+    def __len__(self) -> int:
+        return self.seq.shape[0]
+
+    def rows(self, index: slice | np.ndarray) -> TaskBatch:
+        return TaskBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def lengths(self) -> np.ndarray:
+        return (self.seq > 0).sum(axis=1)
+
+    def trimmed(self) -> TaskBatch:
+        """The same tasks without the all-pad columns at the right (less compute for short windows;
+        the learners accept any length up to max_len)."""
+        width = max(int(self.lengths().max(initial=0)), 1)
+        return TaskBatch(**{f.name: getattr(self, f.name)[:, :width] for f in fields(self)})
+
+    def torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {f.name: torch.as_tensor(getattr(self, f.name), device=device) for f in fields(self)}
+
+
+def sample_windows(
+    seqs: list[np.ndarray], rng: np.random.Generator, mode: str, min_len: int, max_len: int
+) -> list[np.ndarray]:
+    """One window per history with >= 3 items (see the module docstring)."""
+    if not MIN_TASK_LEN <= min_len <= max_len:
+        raise ValueError(f"need {MIN_TASK_LEN} <= min_len ({min_len}) <= max_len ({max_len})")
+    out = []
+    for seq in seqs:
+        n = len(seq)
+        if n < MIN_TASK_LEN:
+            continue
+        if mode == "recent":
+            out.append(seq[-max_len:])
+            continue
+        if mode != "sampled":
+            raise ValueError(f"window must be 'sampled' or 'recent', got {mode!r}")
+        length = int(rng.integers(min(min_len, n), min(max_len, n) + 1))
+        end = int(rng.integers(length, n + 1))
+        out.append(seq[end - length : end])
+    return out
+
+
+def sample_negatives(target: np.ndarray, n_candidates: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform over items 1..n_candidates except the target (0 where the target is 0 = no sample)."""
+    if n_candidates < 2:
+        raise ValueError(f"negative sampling needs at least 2 candidate items, got {n_candidates}")
+    neg = rng.integers(1, n_candidates, size=target.shape)  # 1..n-1, then skip over the target
+    neg = neg + (neg >= target)
+    return np.where(target > 0, neg, 0).astype(np.int64)
+
+
+def make_tasks(
+    windows: list[np.ndarray], max_len: int, n_candidates: int, rng: np.random.Generator
+) -> TaskBatch:
+    """Windows (each 3 .. max_len+1 items) -> a TaskBatch of one task per window."""
+    batch = len(windows)
+    seq = np.zeros((batch, max_len), dtype=np.int64)
+    target = np.zeros((batch, max_len), dtype=np.int64)
+    support = np.zeros((batch, max_len), dtype=bool)
+    query = np.zeros((batch, max_len), dtype=bool)
+    for row, window in enumerate(windows):
+        n = len(window)
+        if not MIN_TASK_LEN <= n <= max_len + 1:
+            raise ValueError(f"a task window must hold 3..{max_len + 1} items, got {n}")
+        seq[row, : n - 1] = window[:-1]
+        target[row, : n - 1] = window[1:]
+        support[row, : n - 2] = True
+        query[row, n - 2] = True
+    return TaskBatch(seq, target, sample_negatives(target, n_candidates, rng), support, query)
+
+
+def support_tasks(items: np.ndarray, max_len: int, n_candidates: int, rng: np.random.Generator) -> TaskBatch:
+    """Meta-test support sets (U, S) -> tasks whose support = every prefix pair inside the S items
+    (input items 1..S-1, targets 2..S); no query."""
+    items = np.asarray(items, dtype=np.int64)
+    users, size = items.shape
+    if size - 1 > max_len or size < 2:
+        raise ValueError(f"support sets must hold 2..{max_len + 1} items, got {size}")
+    seq = np.zeros((users, max_len), dtype=np.int64)
+    target = np.zeros((users, max_len), dtype=np.int64)
+    seq[:, : size - 1] = items[:, :-1]
+    target[:, : size - 1] = items[:, 1:]
+    support = (seq > 0) & (target > 0)
+    return TaskBatch(
+        seq, target, sample_negatives(target, n_candidates, rng), support, np.zeros_like(support)
+    )
+
+
+def pad_sequences(items: np.ndarray, max_len: int) -> np.ndarray:
+    """(U, S) item sequences (S <= max_len, 0 = pad at the end) -> (U, max_len) right-padded int64."""
+    items = np.asarray(items, dtype=np.int64)
+    if items.shape[1] > max_len:
+        raise ValueError(f"sequences of {items.shape[1]} items exceed max_len={max_len}")
+    out = np.zeros((items.shape[0], max_len), dtype=np.int64)
+    out[:, : items.shape[1]] = items
+    return out
