@@ -1,0 +1,93 @@
+"""`mml serve` and `mml ab srm`. Light at import: the service is imported inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(groups: dict[str, typer.Typer]) -> None:
+    @groups["root"].command("serve")
+    def serve(
+        bundle: Path = typer.Option(..., help="bundle directory (mml export --out DIR)"),
+        host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+        port: int = typer.Option(8000, min=1, max=65535),
+        workers: int = typer.Option(1, min=1, help="uvicorn worker processes (each loads the bundle)"),
+        arms: Path | None = typer.Option(None, help="A/B arms config, YAML or JSON (default: one arm 'mml')"),
+        redis_url: str | None = typer.Option(None, help="redis://host:port/db (default: in-process state)"),
+        log_level: str = typer.Option("info", help="uvicorn log level"),
+    ) -> None:
+        """Serve POST /recall over a bundle. Other settings come from the environment (docs/service.md);
+        the admin token only from MML_ADMIN_TOKEN, so it never shows in the process list."""
+        import os
+        import shutil
+        import tempfile
+
+        from mml.bundle import read_manifest
+        from mml.errors import MMLError
+        from service.ab import load_arms
+
+        if not bundle.is_dir():
+            raise MMLError(f"--bundle {bundle}: not a directory")
+        read_manifest(bundle)  # fail fast, in one line, before starting workers
+        load_arms(arms)
+        os.environ["MML_BUNDLE"] = str(bundle.absolute())  # a symlink stays one: SIGHUP follows it
+        if arms is not None:
+            os.environ["MML_ARMS_CONFIG"] = str(arms.absolute())
+        if redis_url is not None:
+            os.environ["REDIS_URL"] = redis_url
+        own_metrics_dir = None
+        if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            own_metrics_dir = tempfile.mkdtemp(prefix="mml-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+        elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # stale files of an earlier run would be summed in
+            directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+
+        import uvicorn
+
+        try:
+            uvicorn.run(
+                "service.app:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_level=log_level,
+                access_log=False,
+                timeout_graceful_shutdown=30,
+            )
+        finally:
+            if own_metrics_dir:
+                shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+    @groups["ab"].command("srm")
+    def srm(
+        exposures: str = typer.Option(..., help="exposure log (JSON lines) or redis://host:port/db (stream)"),
+        arms: Path | None = typer.Option(None, envvar="MML_ARMS_CONFIG", help="arms config with the weights"),
+        prefix: str = typer.Option("mml:", help="Redis key prefix of the exposure stream"),
+    ) -> None:
+        """Sample-ratio-mismatch check: users per arm against the configured weights (chi-square).
+        Exit status 1 when p < 0.001 (the split is broken; do not read the experiment)."""
+        from service.ab import count_users, load_arms, read_exposures, srm_check
+
+        config = load_arms(arms)
+        weights = {a.name: a.weight for a in config.arms}
+        result = srm_check(count_users(read_exposures(exposures, prefix)), weights)
+        total = sum(result.observed.values())
+        for arm, observed in result.observed.items():
+            share = observed / total
+            expected_share = result.expected[arm] / total
+            typer.echo(f"{arm:>16}  users {observed:>9}  share {share:.4f}  expected {expected_share:.4f}")
+        for arm, count in result.unknown_arms.items():
+            typer.echo(f"{arm:>16}  users {count:>9}  (not in the config: left out)")
+        typer.echo(f"chi2 = {result.chi2:.3f}, df = {result.df}, p = {result.p_value:.3g}")
+        if result.mismatch:
+            typer.secho("SRM detected: the assignment does not match the weights", fg="red", err=True)
+            raise SystemExit(
+                1
+            )  # (mml.cli runs click with standalone_mode=False, which swallows typer.Exit codes)
+        typer.echo("no sample ratio mismatch")

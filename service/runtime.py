@@ -1,0 +1,197 @@
+"""One loaded bundle as the service uses it. Torch-free.
+
+`Runtime.load(path)` goes through `mml.bundle_loader.load_bundle` (verify_bundle, sha256 of every
+file it reads, tables, the fused item matrix, the Faiss neighbour index, ONNX Runtime sessions with
+one intra-op thread and sequential execution, checked against the graph contract), adds what serving
+needs on top (popularity order, the encoders' fingerprint), then runs one warm-up inference through
+every graph it will use, so a Runtime that exists is ready to answer. Runtimes are read-only once
+loaded and shared by every request (ONNX Runtime sessions are thread-safe); a reload builds a new
+one and swaps it in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mml.bundle_loader import ENCODERS_DIR, LoadedBundle, load_bundle
+from mml.errors import BundleError
+
+SERVING_GRAPHS = ("recall", "generator", "item_tower")  # the fast path
+SPLIT_GRAPHS = ("learner_id", "learner_text", "learner_image", "fusion", "generator", "item_tower")
+
+
+@dataclass(frozen=True)
+class SequenceInputs:
+    """A right-padded batch of histories: what the learner graphs read (shapes: GRAPH_IO)."""
+
+    item_emb: np.ndarray  # (B, L, d) float32: trained rows, or generated ones for new items
+    text: np.ndarray  # (B, L, text_dim) float32
+    image: np.ndarray  # (B, L, image_dim) float32
+    image_mask: np.ndarray  # (B, L) bool
+    valid: np.ndarray  # (B, L) bool: True on real positions, a prefix of each row
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {
+            "item_emb": self.item_emb,
+            "text": self.text,
+            "image": self.image,
+            "image_mask": self.image_mask,
+            "valid": self.valid,
+        }
+
+
+class Runtime:
+    def __init__(self, bundle: LoadedBundle) -> None:
+        self.bundle = bundle
+        self.path = Path(os.path.abspath(bundle.root))
+        self.manifest = bundle.manifest
+        self.model_version = bundle.model_version
+        self.dims = bundle.dims
+        t = bundle.tables
+        self.item_ids = t["item_id"]
+        self.item_id_list: list[str] = [str(i) for i in self.item_ids]  # fast per-row lookups in answers
+        self.id_emb = t["id_emb"]
+        self.text = t["text"]
+        self.image = t["image"]
+        self.image_mask = t["image_mask"]
+        self.popularity = t["popularity"]
+        self.items_concat = bundle.items_concat  # score = items_concat[i] . query + bias
+        self.row_of = bundle.row_of
+        self.popular_rows = (np.argsort(-self.popularity[1:], kind="stable") + 1).astype(np.int64)
+        self.fused = "recall" in bundle.sessions
+        self.encoders_dir = bundle.encoders_dir
+        self.encoder_fingerprint = self._fingerprint(ENCODERS_DIR + "/")
+        self._encoders = None
+        self._encoders_lock = threading.Lock()
+        self.load_seconds = bundle.load_seconds
+
+    @classmethod
+    def load(cls, path: str | Path) -> Runtime:
+        start = time.perf_counter()
+        path = Path(path)
+        from mml.bundle import read_manifest
+
+        graphs = read_manifest(path).graphs if path.is_dir() else {}
+        roles = SERVING_GRAPHS if "recall" in graphs else SPLIT_GRAPHS
+        runtime = cls(load_bundle(path, intra_op_num_threads=1, roles=roles))
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query per request: threads would only contend
+        runtime.warm_up()
+        runtime.load_seconds = time.perf_counter() - start
+        return runtime
+
+    def _fingerprint(self, prefix: str) -> str:
+        """Identifies the encoders: new items' features are only valid for bundles sharing them."""
+        digest = hashlib.sha256()
+        for entry in sorted(self.manifest.files, key=lambda f: f.path):
+            if entry.path.startswith(prefix):
+                digest.update(f"{entry.path}:{entry.sha256}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def warm_up(self) -> None:
+        """One inference through every graph (first-run allocations happen here, not in a request)."""
+        rows = self.popular_rows[: min(3, len(self.popular_rows))]
+        self.query(
+            self.sequence_inputs(self.id_emb[rows], self.text[rows], self.image[rows], self.image_mask[rows])
+        )
+        self.generate(self.text[rows], self.image[rows], self.image_mask[rows])
+        self.project(self.text[rows], self.image[rows], self.image_mask[rows])
+
+    # --- inference --------------------------------------------------------------------------------
+
+    def sequence_inputs(
+        self, item_emb: np.ndarray, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray
+    ) -> SequenceInputs:
+        """One history (n items, oldest first, n <= max_len) -> right-padded inputs of batch 1."""
+        dims = self.dims
+        n, length = len(item_emb), dims.max_len
+        if not 0 < n <= length:
+            raise ValueError(f"history length {n} outside 1..{length}")
+        x = SequenceInputs(
+            item_emb=np.zeros((1, length, dims.d), np.float32),
+            text=np.zeros((1, length, dims.text_dim), np.float32),
+            image=np.zeros((1, length, dims.image_dim), np.float32),
+            image_mask=np.zeros((1, length), bool),
+            valid=np.zeros((1, length), bool),
+        )
+        x.item_emb[0, :n] = item_emb
+        x.text[0, :n] = text
+        x.image[0, :n] = image
+        x.image_mask[0, :n] = image_mask
+        x.valid[0, :n] = True
+        return x
+
+    def query(self, x: SequenceInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Histories -> (query (B, 3d), bias (B,)) of the fused score: recall.onnx, or the three
+        learner graphs + fusion.onnx for a bundle without the fused graph."""
+        run = self.bundle.run
+        if self.fused:
+            out = run("recall", **x.feeds())
+        else:
+            hidden_id = run("learner_id", **x.feeds())["hidden"]
+            hidden_text = run("learner_text", text=x.text, valid=x.valid)["hidden"]
+            hidden_image = run("learner_image", image=x.image, image_mask=x.image_mask, valid=x.valid)[
+                "hidden"
+            ]
+            out = run(
+                "fusion",
+                hidden_id=hidden_id,
+                hidden_text=hidden_text,
+                hidden_image=hidden_image,
+                valid=x.valid,
+            )
+        return out["query"], np.asarray(out["bias"], np.float32).reshape(-1)
+
+    def generate(self, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
+        """New items' features (B, ...) -> generated ID embeddings (B, d): the K most similar old
+        items by Eq. 14 (Faiss, mml.neighbours), then generator.onnx (Eq. 15-17)."""
+        text = np.ascontiguousarray(text, np.float32)
+        image = np.ascontiguousarray(image, np.float32)
+        image_mask = np.asarray(image_mask, bool)
+        nb, _ = self.bundle.neighbours.search(text, image, image_mask, self.dims.k_neighbours)
+        out = self.bundle.run(
+            "generator",
+            z_text=text,
+            z_image=image,
+            z_mask=image_mask,
+            nb_text=self.text[nb],
+            nb_image=self.image[nb],
+            nb_mask=self.image_mask[nb],
+            nb_id=self.id_emb[nb],
+        )
+        return np.ascontiguousarray(out["id_emb"], np.float32)
+
+    def project(self, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
+        """New items' features -> their [text_vec | image_vec] (B, 2d) through item_tower.onnx."""
+        out = self.bundle.run(
+            "item_tower",
+            text=np.ascontiguousarray(text, np.float32),
+            image=np.ascontiguousarray(image, np.float32),
+            image_mask=np.asarray(image_mask, bool),
+        )
+        return np.concatenate([out["text_vec"], out["image_vec"]], axis=1).astype(np.float32)
+
+    # --- encoders (PUT /items) --------------------------------------------------------------------
+
+    def encoders(self, max_image_bytes: int):
+        """The bundle's text and image encoders, loaded on first use (only PUT /items needs them)."""
+        if self.encoders_dir is None:
+            raise BundleError(f"bundle {self.model_version} ships no encoders/: it cannot encode new items")
+        with self._encoders_lock:
+            if self._encoders is None:
+                from mml.encoders import ImageEncoder, ImageLimits, TextEncoder
+
+                limits = ImageLimits(max_bytes=max_image_bytes)
+                self._encoders = (
+                    TextEncoder(self.encoders_dir, threads=1),
+                    ImageEncoder(self.encoders_dir, threads=1, limits=limits),
+                )
+            return self._encoders

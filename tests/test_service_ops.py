@@ -1,0 +1,424 @@
+"""Operating the recall service: A/B arms over HTTP, hot reload under concurrent requests, Redis
+stopped and restarted mid-traffic, real `mml serve` processes (several workers' metrics, SIGHUP).
+
+Bundles: two ML-1M bundles exported from untrained models with different seeds (cached under
+.cache/), so a reload visibly changes the model version and the ranking."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from mml.bundle import read_manifest
+from service.ab import Assigner, load_arms
+from service.app import create_app
+from service.config import load_settings
+from service.testing import ThreadedServer, free_port, redis_server, sources_digest, untrained_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
+TOKEN = "ops-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def bundles(ml1m_features_dir: Path) -> tuple[Path, Path]:
+    digest = sources_digest(REPO)
+    a = untrained_bundle(ml1m_features_dir, BUNDLES / "a", seed=0, model_version=f"untrained-a-{digest}")
+    b = untrained_bundle(ml1m_features_dir, BUNDLES / "b", seed=1, model_version=f"untrained-b-{digest}")
+    return a, b
+
+
+def version(path: Path) -> str:
+    return read_manifest(path).model_version
+
+
+class Traffic:
+    """Client threads posting /recall until stopped; every answer's status is recorded."""
+
+    def __init__(self, url: str, bodies: list[dict], threads: int = 3) -> None:
+        self.url, self.bodies = url, bodies
+        self.answers: list[tuple[int, dict | str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            i = offset
+            while not self._stop.is_set():
+                try:
+                    r = client.post("/recall", json=self.bodies[i % len(self.bodies)])
+                    answer = (r.status_code, r.json() if r.status_code == 200 else r.text)
+                except httpx.HTTPError as exc:  # a dropped connection is a failure too
+                    answer = (0, repr(exc))
+                with self._lock:
+                    self.answers.append(answer)
+                i += 1
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def wait_for(self, n: int, timeout: float = 60) -> None:
+        target = self.count() + n
+        deadline = time.monotonic() + timeout
+        while self.count() < target:
+            assert time.monotonic() < deadline, "traffic stalled"
+            time.sleep(0.01)
+
+    def failures(self) -> list:
+        return [a for a in self.answers if a[0] != 200]
+
+
+def test_ab_arms_assignment_override_exposures_and_srm(bundles, tmp_path):
+    a, b = bundles
+    arms = tmp_path / "arms.yaml"
+    arms.write_text(
+        "salt: ab-test\n"
+        "arms:\n"
+        "  - {name: control, kind: popularity, weight: 1}\n"
+        "  - {name: mml, kind: mml, weight: 1}\n"
+        f"  - {{name: canary, kind: mml, weight: 0, bundle: {b}}}\n"
+    )
+    log = tmp_path / "exposures.jsonl"
+    app = create_app(load_settings(bundle=a, arms_config=arms, exposure_log=log))
+    assigner = Assigner(load_arms(arms))
+    with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url) as c:
+        deployment = app.state.service.deployment
+        assert len(deployment.tables) == 2  # control and mml share bundle a: loaded once
+        assert deployment.arms["control"].runtime is deployment.arms["mml"].runtime
+        seen = {}
+        for i in range(300):
+            user = f"user-{i}"
+            r = c.post("/recall", json={"user_id": user, "history": ["1193", "661"], "k": 5})
+            body = r.json()
+            assert r.headers["X-MML-Arm"] == body["arm"] == assigner.assign(user)
+            seen[body["arm"]] = seen.get(body["arm"], 0) + 1
+            if body["arm"] == "control":
+                assert body["model_version"] == f"popularity@{version(a)}"
+                assert not body["fallback"]  # the control arm's ranking, not a fallback
+        assert set(seen) == {"control", "mml"} and min(seen.values()) > 100  # 300 users at 50/50
+        again = c.post("/recall", json={"user_id": "user-7", "history": ["1193"], "k": 5}).json()
+        assert again["arm"] == assigner.assign("user-7")  # stable
+        qa = c.post(
+            "/recall", json={"user_id": "user-7", "history": ["1193"]}, headers={"X-MML-Arm": "canary"}
+        )
+        assert qa.json()["arm"] == "canary" and qa.json()["model_version"] == version(b)
+        models = c.get("/v1/models").json()
+        assert {m["name"]: m["weight"] for m in models["arms"]} == {"control": 0.5, "mml": 0.5, "canary": 0.0}
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 302
+    assert sum(r["override"] for r in records) == 1 and {r["arm"] for r in records} == {
+        "control",
+        "mml",
+        "canary",
+    }
+    srm = subprocess.run(
+        [sys.executable, "-m", "mml.cli", "ab", "srm", "--exposures", str(log), "--arms", str(arms)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert srm.returncode == 0 and "no sample ratio mismatch" in srm.stdout, srm.stdout + srm.stderr
+
+
+def test_reload_under_concurrent_requests(bundles, tmp_path):
+    a, b = bundles
+    broken = BUNDLES / f"broken-{os.getpid()}"  # bundle a, hard-linked, whose manifest lies about one file
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(a, broken, copy_function=os.link)
+    manifest = json.loads((a / "manifest.json").read_text())
+    tables = next(f for f in manifest["files"] if f["path"] == "tables/items.npz")
+    tables["sha256"] = "0" * 64
+    (broken / "manifest.json").unlink()  # a new file, not the hard link to bundle a's manifest
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    app = create_app(load_settings(bundle=a, admin_token=TOKEN, exposure_log=tmp_path / "x.jsonl"))
+    bodies = [
+        {"user_id": f"u{i}", "history": ["1193", "661", "914"][: 1 + i % 3], "k": 50} for i in range(20)
+    ]
+    with (
+        ThreadedServer(app) as srv,
+        httpx.Client(base_url=srv.url, timeout=120) as c,
+        Traffic(srv.url, bodies) as traffic,
+    ):
+        traffic.wait_for(30)
+        assert c.post("/admin/reload", json={"path": str(b)}).status_code == 401
+        for target in (b, a, b):
+            r = c.post("/admin/reload", json={"path": str(target)}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json()["reloaded"] == {"mml": version(target)}
+            traffic.wait_for(30)
+        refused = c.post("/admin/reload", json={"path": str(broken)}, headers=AUTH)
+        assert refused.status_code == 409 and "checksum mismatch" in refused.json()["message"]
+        missing = c.post("/admin/reload", json={"path": str(tmp_path / "nowhere")}, headers=AUTH)
+        assert missing.status_code == 409
+        traffic.wait_for(30)
+        assert c.get("/v1/models").json()["arms"][0]["model_version"] == version(b)  # the old one kept
+    shutil.rmtree(broken)
+    assert traffic.failures() == []
+    versions = {body["model_version"] for _, body in traffic.answers}
+    assert versions == {version(a), version(b)}
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_stopped_and_restarted_mid_traffic(bundles, mirror, tmp_path):
+    a, _ = bundles
+    with redis_server(tmp_path) as server:
+        settings = load_settings(
+            bundle=a,
+            redis_url=server.url,
+            admin_token=TOKEN,
+            exposure_log=tmp_path / "x.jsonl",
+            redis_backoff_s=0.05,
+            redis_backoff_max_s=0.2,
+        )
+        app = create_app(settings)
+        with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            poster = (mirror / "ml-1m-posters" / "1.jpg").read_bytes()
+            item = {"title": "Toy Story 9", "year": 2040, "image_base64": base64.b64encode(poster).decode()}
+            assert c.put("/items/toy-9", json=item, headers=AUTH).status_code == 201
+            for ts, movie in enumerate(["1", "2355", "3114"]):
+                assert (
+                    c.post("/events", json={"user_id": "stored", "item_id": movie, "ts": ts}).status_code
+                    == 202
+                )
+            bodies = [
+                {"user_id": "stored", "k": 20},  # history from Redis
+                {"user_id": "explicit", "history": ["1", "toy-9"], "k": 20},  # a registered new item
+            ]
+            errors_before = _metric(c, "mml_redis_errors_total")
+            with Traffic(srv.url, bodies) as traffic:
+                traffic.wait_for(20)
+                server.stop()
+                traffic.wait_for(60)
+                down = traffic.count()
+                assert c.post("/events", json={"user_id": "x", "item_id": "1"}).status_code == 503
+                server.start()
+                deadline = time.monotonic() + 20
+                while True:  # recovers by itself: answers stop being degraded
+                    traffic.wait_for(10)
+                    if not any(body["degraded"] for _, body in traffic.answers[-6:]):
+                        break
+                    assert time.monotonic() < deadline, "the service did not recover from the Redis restart"
+            assert traffic.failures() == []
+            during = [body for _, body in traffic.answers[:down] if body["degraded"]]
+            assert during, "no request noticed that Redis was down"
+            for body in during:
+                if body["user_id"] == "stored":
+                    assert body["fallback"]  # no stored history while down: popularity, flagged
+                else:
+                    assert body["warmed_up"] == ["toy-9"]  # the new item, from the local cache
+            last = {body["user_id"]: body for _, body in traffic.answers[-6:]}
+            assert not last["stored"]["fallback"] and last["explicit"]["warmed_up"] == ["toy-9"]
+            assert _metric(c, "mml_redis_errors_total") > errors_before
+            assert c.get("/readyz").json()["store_available"] is True
+    client = redis.Redis.from_url(server.url)  # closed: nothing to flush, the server is gone
+    client.close()
+
+
+def _metric(client: httpx.Client, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def _serve(bundle: Path, port: int, tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "MML_EXPOSURE_LOG": str(tmp_path / "exposures.jsonl"), "MML_ADMIN_TOKEN": TOKEN}
+    for key in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "MML_ARMS_CONFIG"):
+        env.pop(key, None)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mml.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        env=env,
+        cwd=REPO,
+    )
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mml serve exited"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("mml serve did not become ready")
+
+
+def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundles, tmp_path):
+    a, b = bundles
+    current = tmp_path / "current"
+    current.symlink_to(a)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(current, port, tmp_path, "--workers", "2")
+    try:
+        _wait_ready(url, proc)
+        for i in range(40):  # one connection each: the kernel spreads them over both workers
+            r = httpx.post(f"{url}/recall", json={"user_id": f"w{i}", "history": ["1193", "661"], "k": 10})
+            assert r.status_code == 200
+        pids = set()
+        for _ in range(10):  # whichever worker answers /metrics, it reports every worker's samples
+            with httpx.Client(base_url=url, timeout=30) as fresh:
+                pids.add(fresh.get("/readyz").json()["pid"])
+                assert _metric(fresh, "mml_recall_requests_total", arm="mml", status="200") == 40
+                assert _metric(fresh, "mml_recall_request_seconds_count", arm="mml") == 40
+                assert _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(a)) == 1
+        assert proc.pid not in pids  # answered by worker processes, not the supervisor
+
+        # SIGHUP to the supervisor: uvicorn restarts the workers, which load what the symlink names now
+        current.unlink()
+        current.symlink_to(b)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                served = {httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] for _ in range(6)}
+            except httpx.HTTPError:
+                served = set()
+            if served == {version(b)}:
+                break
+            assert time.monotonic() < deadline, "the workers were not restarted on the new bundle"
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=30) as fresh:
+            assert _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(b)) == 1
+            assert (
+                _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(a)) == 0
+            )  # dead workers' gauges reaped
+            assert (
+                _metric(fresh, "mml_recall_requests_total", arm="mml", status="200") == 40
+            )  # counters survive
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0  # the supervisor stops its workers gracefully
+
+
+def test_real_server_sighup_reloads_the_bundle_a_symlink_points_to(bundles, tmp_path):
+    a, b = bundles
+    current = tmp_path / "current"
+    current.symlink_to(a)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(current, port, tmp_path)
+    try:
+        _wait_ready(url, proc)
+        assert httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] == version(a)
+        current.unlink()
+        current.symlink_to(b)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] != version(b):
+            assert time.monotonic() < deadline, "SIGHUP did not reload the bundle"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/recall", json={"user_id": "u", "history": ["1"]})
+        assert r.status_code == 200 and r.json()["model_version"] == version(b)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # a single uvicorn process shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+@pytest.fixture
+def redis_db13():
+    url = "redis://127.0.0.1:6379/13"
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis server at 127.0.0.1:6379")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def test_two_replicas_share_state_through_redis(bundles, mirror, redis_db13, tmp_path):
+    a, _ = bundles
+    arms = tmp_path / "arms.json"
+    arms.write_text(
+        json.dumps({"salt": "r", "arms": [{"name": "mml"}, {"name": "pop", "kind": "popularity"}]})
+    )
+    settings = load_settings(
+        bundle=a, redis_url=redis_db13, admin_token=TOKEN, arms_config=arms, exposure_log=tmp_path / "x.jsonl"
+    )
+    with (
+        ThreadedServer(create_app(settings)) as one,
+        ThreadedServer(create_app(settings)) as two,
+        httpx.Client(base_url=one.url, timeout=30) as c1,
+        httpx.Client(base_url=two.url, timeout=30) as c2,
+    ):
+        poster = (mirror / "ml-1m-posters" / "3114.jpg").read_bytes()  # Toy Story 2
+        item = {
+            "title": "Toy Story 2 (director's cut)",
+            "genres": ["Animation"],
+            "image_base64": base64.b64encode(poster).decode(),
+        }
+        assert c1.put("/items/ts2-dc", json=item, headers=AUTH).status_code == 201
+        for ts, movie in enumerate(["1", "3114", "ts2-dc"]):
+            assert (
+                c1.post("/events", json={"user_id": "shared", "item_id": movie, "ts": ts}).status_code == 202
+            )
+        mml = {"X-MML-Arm": "mml"}  # QA override: the popularity arm would not use the history
+        on_two = c2.post("/recall", json={"user_id": "shared", "k": 10}, headers=mml).json()  # from Redis
+        on_one = c1.post("/recall", json={"user_id": "shared", "k": 10}, headers=mml).json()
+        assert on_two["warmed_up"] == ["ts2-dc"] and not on_two["degraded"]
+        assert on_two["items"] == on_one["items"]
+        # the generated embedding was cached in Redis by the first replica that needed it
+        assert redis.Redis.from_url(redis_db13).hexists(f"mml:emb:{version(a)}", "ts2-dc")
+        for i in range(200):  # users spread over both replicas, the same assignment on each
+            client = (c1, c2)[i % 2]
+            assert (
+                client.post("/recall", json={"user_id": f"srm-{i}", "history": ["1"], "k": 5}).status_code
+                == 200
+            )
+    # the servers have stopped: their exposure writers have flushed
+    assert redis.Redis.from_url(redis_db13).xlen("mml:exposures") == 202
+    srm = subprocess.run(
+        [sys.executable, "-m", "mml.cli", "ab", "srm", "--exposures", redis_db13, "--arms", str(arms)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert srm.returncode == 0, srm.stdout + srm.stderr
+    counted = sum(int(line.split()[2]) for line in srm.stdout.splitlines() if " users " in line)
+    assert counted == 200  # the two QA-overridden requests of "shared" are left out
