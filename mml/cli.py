@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "training.features.cli",
     "training.cli",
     "training.export.cli",
+    "training.evaluation.cli",
     "service.cli",
     "mml.bench",
 ]

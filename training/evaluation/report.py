@@ -1,0 +1,385 @@
+"""Aggregate runs into `docs/results/<dataset>.json` and generate `docs/results.md`.
+
+JSON layout (unmasked = the primary variant at the top level, the masked variant under "masked"):
+
+    {setting: {method: {metric: {"mean": x, "std": y, "n_seeds": n}}},
+     "masked": {setting: {method: {metric: {...}}}},
+     "significance": {variant: {setting: {metric: {...}}}},
+     "rq4": {...} (when run), "meta": {...}}
+
+`std` is the sample standard deviation over seeds (0 with one seed). Everything in the markdown
+file is generated from the JSON except `docs/results/discussion.md`, which is written by hand from
+the numbers and included verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.evaluation.metrics import METRICS
+from training.evaluation.protocol import VARIANTS, RunResult
+from training.evaluation.runner import BASELINES, OPTIONAL_ROWS, SETTINGS
+from training.evaluation.significance import ALPHA, holm, paired_test
+
+LABELS = {
+    "pop": "Pop",
+    "itemknn": "ItemKNN",
+    "sasrec": "SASRec",
+    "gru4rec": "GRU4Rec",
+    "full_retrain": "Full",
+    "pt_ft": "PT-FT",
+    "mml": "MML",
+    "no_gen": "No-Gen",
+    "no_fusion": "No-Fusion",
+    "mml_id": "MML<sub>ID</sub>",
+    "mml_zero_shot": "MML (0 warm-up steps)",
+    "mml_ce": "MML (CE loss)",
+}
+SETTING_LABELS = {"cold_users": "cold users", "cold_users_items": "cold users + cold items (10%)"}
+ABLATION_METRICS = ("mrr@10", "ndcg@10")  # the paper's Table 4
+
+
+def summarise(runs: list[RunResult], variant: str) -> dict[str, dict[str, float | int]]:
+    out = {}
+    for metric in METRICS:
+        values = np.array([run.means(variant)[metric] for run in runs])
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[metric] = {"mean": float(values.mean()), "std": std, "n_seeds": len(values)}
+    return out
+
+
+def per_user_over_seeds(runs: list[RunResult], variant: str, metric: str) -> np.ndarray:
+    """Each user's value averaged over seeds (the unit of the paired tests)."""
+    return np.mean([run.per_user[variant][metric] for run in runs], axis=0)
+
+
+def best_baseline(table: dict[str, dict[str, dict]], metric: str) -> str | None:
+    present = [name for name in BASELINES if name in table]
+    return max(present, key=lambda name: table[name][metric]["mean"]) if present else None
+
+
+def significance(
+    results: dict[str, dict[str, list[RunResult]]], tables: dict[str, dict[str, dict]], variant: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """MML against the best baseline (by mean) for every metric; Holm over settings x metrics."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    family: list[tuple[str, str]] = []
+    for setting, methods in results.items():
+        if "mml" not in methods:
+            continue
+        out[setting] = {}
+        for metric in METRICS:
+            baseline = best_baseline(tables[setting], metric)
+            if baseline is None:
+                continue
+            test = paired_test(
+                per_user_over_seeds(methods["mml"], variant, metric),
+                per_user_over_seeds(methods[baseline], variant, metric),
+            )
+            out[setting][metric] = {"baseline": baseline, **test.as_dict()}
+            family.append((setting, metric))
+    for key in ("t_pvalue", "wilcoxon_pvalue"):
+        adjusted = holm([out[s][m][key] for s, m in family]) if family else []
+        for (setting, metric), value in zip(family, adjusted, strict=True):
+            out[setting][metric][f"{key}_holm"] = value
+    return out
+
+
+def aggregate(results: dict[str, dict[str, list[RunResult]]], meta: dict[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    masked: dict[str, Any] = {}
+    for setting, methods in results.items():
+        doc[setting] = {name: summarise(runs, "unmasked") for name, runs in methods.items()}
+        masked[setting] = {name: summarise(runs, "masked") for name, runs in methods.items()}
+    doc["masked"] = masked
+    doc["significance"] = {
+        "unmasked": significance(results, {s: doc[s] for s in results}, "unmasked"),
+        "masked": significance(results, masked, "masked"),
+    }
+    info = {
+        setting: {
+            name: {"seconds": [round(r.seconds, 1) for r in runs], "info": runs[0].info}
+            for name, runs in methods.items()
+        }
+        for setting, methods in results.items()
+    }
+    doc["meta"] = {**meta, "runs": info}
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+# ---- markdown -------------------------------------------------------------------------------------
+
+
+def _cell(entry: dict[str, float], mark: str = "") -> str:
+    text = f"{entry['mean']:.4f}"
+    if entry["n_seeds"] > 1:
+        text += f" ± {entry['std']:.4f}"
+    return f"{mark[:2]}{text}{mark[2:]}" if mark else text
+
+
+def _table2(table: dict[str, dict], sig: dict[str, dict], methods: list[str]) -> list[str]:
+    """Rows = metrics, columns = methods (paper Table 2); best bold, runner-up underlined among the
+    baselines and MML; '*' = Holm-adjusted Wilcoxon p < ALPHA against the best baseline."""
+    ranked = [m for m in methods if m in BASELINES or m == "mml"]
+    header = ["Metric", *[LABELS[m] for m in methods]]
+    if "mml" in methods:
+        header += ["MML vs best baseline"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric in METRICS:
+        order = sorted(ranked, key=lambda m: -table[m][metric]["mean"])
+        cells = [metric]
+        for name in methods:
+            entry = table[name][metric]
+            text = _cell(entry)
+            if name in ranked and order and name == order[0]:
+                text = f"**{text}**"
+            elif name in ranked and len(order) > 1 and name == order[1]:
+                text = f"<u>{text}</u>"
+            if name == "mml" and metric in sig and sig[metric].get("wilcoxon_pvalue_holm", 1.0) < ALPHA:
+                text += "\\*"
+            cells.append(text)
+        if "mml" in methods and metric in sig:
+            base = sig[metric]["baseline"]
+            b, a = table[base][metric]["mean"], table["mml"][metric]["mean"]
+            change = f"{(a - b) / b * 100:+.1f}%" if b > 0 else "n/a"
+            cells.append(f"{change} (vs {LABELS[base]})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ablation_table(doc: dict[str, Any], variant_tables: dict[str, dict], rows: list[str]) -> list[str]:
+    settings = [s for s in SETTINGS if s in variant_tables]
+    header = ["Method", *[f"{m} ({SETTING_LABELS[s]})" for s in settings for m in ABLATION_METRICS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in rows:
+        cells = [LABELS[name]]
+        for setting in settings:
+            for metric in ABLATION_METRICS:
+                entry = variant_tables[setting].get(name, {}).get(metric)
+                cells.append(_cell(entry) if entry else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _significance_table(sig: dict[str, dict[str, dict]]) -> list[str]:
+    header = [
+        "Setting",
+        "Metric",
+        "best baseline",
+        "MML",
+        "baseline",
+        "t-test p",
+        "Wilcoxon p",
+        "Wilcoxon p (Holm)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setting, metrics in sig.items():
+        for metric, row in metrics.items():
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        SETTING_LABELS[setting],
+                        metric,
+                        LABELS[row["baseline"]],
+                        f"{row['mean_a']:.4f}",
+                        f"{row['mean_b']:.4f}",
+                        _p(row["t_pvalue"]),
+                        _p(row["wilcoxon_pvalue"]),
+                        _p(row["wilcoxon_pvalue_holm"]),
+                    ]
+                )
+                + " |"
+            )
+    return lines
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def _choices_table(meta: dict[str, Any]) -> list[str]:
+    lines = ["| Setting | Method | chosen on validation | seconds per seed |", "|---|---|---|---|"]
+    for setting, methods in meta.get("runs", {}).items():
+        for name, run in methods.items():
+            info = run["info"]
+            chosen = ", ".join(
+                f"{k}={info[k]}" for k in ("loss", "lr", "window", "train_profile") if k in info
+            )
+            seconds = ", ".join(f"{s:.0f}" for s in run["seconds"])
+            lines.append(
+                f"| {SETTING_LABELS.get(setting, setting)} | {LABELS.get(name, name)} | {chosen or '—'} | {seconds} |"
+            )
+    return lines
+
+
+def render_markdown(doc: dict[str, Any], discussion: str | None, figures: dict[str, str]) -> str:
+    meta = doc["meta"]
+    settings = [s for s in SETTINGS if s in doc]
+    n_seeds = len(meta["seeds"])
+    lines = [
+        "# Cold-start evaluation on MovieLens-1M",
+        "",
+        "<!-- Generated by `mml evaluate` (training/evaluation/report.py): do not edit by hand. -->",
+        "",
+    ]
+    if meta["profile"] != "paper" or n_seeds < 3:
+        lines += [
+            f"> **Quick-profile result ({meta['profile']} profile, {n_seeds} seed(s)).** These numbers come from "
+            "shortened training (see the profile below) and are **not** the paper-profile result; "
+            "`mml evaluate --profile paper --seeds 3` produces that.",
+            "",
+        ]
+    lines += [
+        "## How these numbers were made",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Time on this machine: {meta['seconds'] / 3600:.1f} h of compute summed over every run "
+        f"(RQ4: {meta.get('seconds_rq4', 0.0) / 3600:.1f} h), {meta['machine']}; each run was timed when it "
+        "ran (the grid resumes from its cache, so one invocation may reuse runs of earlier ones; per-run "
+        "seconds are in the last table).",
+        f"- Profile `{meta['profile']}`, seeds {meta['seeds']}; data: {meta['data']}.",
+        "- Protocol: every new user has 8 support items, a validation item (9th) and a query item (10th). "
+        "Methods learn from D_old and the support items only; the validation item is used for model "
+        "selection only (learning rate, loss variant, epochs, kNN window); the query item only for these "
+        "numbers. Full ranking over the whole catalogue (pad excluded, no sampled negatives); the query is "
+        "ranked given support + validation item. Ties count as a uniformly random order of the tied block "
+        "(the exact expectation; see `training/evaluation/metrics.py`). Recall@k = hit@k (one target per user).",
+        "- **Unmasked** (primary, what the paper's code does): scores as returned. **Masked**: the user's "
+        "support and validation items set to -inf (what the service returns with `exclude_history`).",
+        f"- Mean ± sample std over seeds. \\* = MML better or worse than the best baseline with Holm-adjusted "
+        f"Wilcoxon signed-rank p < {ALPHA} (paired per user, per-user values averaged over seeds). "
+        "**Bold** best, <u>underlined</u> runner-up among baselines and MML.",
+        "",
+    ]
+    for variant in VARIANTS:
+        tables = doc if variant == "unmasked" else doc["masked"]
+        title = (
+            "Overall performance (paper Table 2)"
+            if variant == "unmasked"
+            else "Masked variant (history excluded)"
+        )
+        lines += [f"## {title}", ""]
+        for setting in settings:
+            methods = [m for m in (*BASELINES, "mml") if m in tables[setting]]
+            sig = doc["significance"][variant].get(setting, {})
+            lines += [
+                f"### {SETTING_LABELS[setting]} ({variant})",
+                "",
+                *_table2(tables[setting], sig, methods),
+                "",
+            ]
+    ablations = [
+        m
+        for m in ("no_gen", "no_fusion", "mml_id", "mml_zero_shot", *OPTIONAL_ROWS, "mml")
+        if any(m in doc[s] for s in settings)
+    ]
+    if ablations:
+        lines += ["## Ablations (paper Table 4)", ""]
+        for variant in VARIANTS:
+            tables = doc if variant == "unmasked" else doc["masked"]
+            lines += [
+                f"{variant}:",
+                "",
+                *_ablation_table(doc, {s: tables[s] for s in settings}, ablations),
+                "",
+            ]
+    for variant in VARIANTS:
+        sig = doc["significance"][variant]
+        if sig:
+            lines += [
+                f"## Significance: MML vs the best baseline ({variant})",
+                "",
+                "Paired per user (n = new users); two-sided. Holm's correction over the 2 settings x 9 metrics.",
+                "",
+                *_significance_table(sig),
+                "",
+            ]
+    if "rq4" in doc:
+        lines += ["## Influence of the amount of training data (RQ4)", ""]
+        lines += render_rq4(doc["rq4"], figures.get("rq4"))
+    lines += ["## What each method chose on the validation item", "", *_choices_table(meta), ""]
+    if discussion:
+        lines += [
+            "## Discussion",
+            "",
+            "_Written by hand from the numbers above._",
+            "",
+            discussion.strip(),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def render_rq4(rq4: dict[str, Any], figure: str | None) -> list[str]:
+    lines = []
+    if figure:
+        lines += [f"![MML vs PT-FT with a fraction of the old users]({figure})", ""]
+    fractions = rq4["fractions"]
+    header = [
+        "Method",
+        *[f"{int(f * 100)}% R@10" for f in fractions],
+        *[f"{int(f * 100)}% R@20" for f in fractions],
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, series in rq4["methods"].items():
+        cells = [LABELS.get(name, name)]
+        for metric in ("recall@10", "recall@20"):
+            cells += [_cell(series[str(f)][metric]) for f in fractions]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Setting: {SETTING_LABELS.get(rq4['setting'], rq4['setting'])}; seeds {rq4['seeds']}; "
+        f"old users sampled uniformly at random (seeded) per fraction; the new users are the same.",
+        "",
+    ]
+    return lines
+
+
+def plot_rq4(rq4: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = rq4["fractions"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, metric in zip(axes, ("recall@10", "recall@20"), strict=True):
+        for name, series in rq4["methods"].items():
+            means = [series[str(f)][metric]["mean"] for f in fractions]
+            stds = [series[str(f)][metric]["std"] for f in fractions]
+            axis.errorbar(
+                [f * 100 for f in fractions],
+                means,
+                yerr=stds,
+                marker="o",
+                capsize=3,
+                label=LABELS.get(name, name),
+            )
+        axis.set_xlabel("old users used for training (%)")
+        axis.set_ylabel(metric.replace("recall", "Recall"))
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

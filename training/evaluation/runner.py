@@ -1,0 +1,247 @@
+"""The evaluation grid: settings x methods x seeds, each run cached on disk.
+
+A run (one method, one setting, one seed) stores its per-user metric values under
+`cache/<setting>/<method>/seed<seed>.npz` with a JSON sidecar (what the method chose, seconds, the
+profile hash). A rerun with the same profile reuses it, so an interrupted `mml evaluate` resumes,
+and the report can be regenerated without training anything.
+
+Model selection that is expensive (the learning-rate x loss sweep of the non-transfer baselines, the
+kNN window) runs once, on the first seed of the first setting, on that setting's validation items;
+every later seed and setting trains the chosen configuration (MML's learning rates are fixed too).
+The sweep is recorded in the first run's `info`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from mml.errors import DataError, MMLError
+from training.evaluation.baselines.sequential import SequentialConfig
+from training.evaluation.metrics import METRICS
+from training.evaluation.protocol import VARIANTS, Method, RunResult, evaluate
+
+SETTINGS: tuple[str, ...] = ("cold_users", "cold_users_items")
+COLD_ITEMS_FRACTION = 0.1  # the second setting: `mml data prepare --cold-items 0.1`
+BASELINES: tuple[str, ...] = ("pop", "itemknn", "sasrec", "gru4rec", "full_retrain", "pt_ft")
+MML_ROWS: tuple[str, ...] = ("mml", "no_gen", "no_fusion", "mml_id", "mml_zero_shot")
+OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce",)  # MML trained with full-softmax CE instead of BPR
+METHODS: tuple[str, ...] = BASELINES + MML_ROWS
+ALL_METHODS: tuple[str, ...] = METHODS + OPTIONAL_ROWS
+
+
+class EvalProfile(BaseModel):
+    """How much compute each method gets; every method of one profile gets comparable effort."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    sequential: SequentialConfig = Field(description="SASRec / GRU4Rec / Full Retrain training and sweep")
+    itemknn_windows: tuple[int | None, ...] = Field(
+        description="co-occurrence windows tried (None = whole user)"
+    )
+    train_profile: str = Field(description="`mml train --profile` for MML, its ablations and PT-FT")
+
+
+PROFILES: dict[str, EvalProfile] = {
+    # The paper's settings: the full learning-rate grid of Sec. 5.1.3, every window each epoch.
+    "paper": EvalProfile(
+        name="paper",
+        sequential=SequentialConfig(),
+        itemknn_windows=(None, 2, 3, 5, 10, 20),
+        train_profile="paper",
+    ),
+    # A few hours on 2 CPU cores: two learning rates, sampled windows, short early stopping.
+    "quick": EvalProfile(
+        name="quick",
+        sequential=SequentialConfig(lrs=(3e-3, 1e-3), windows="one_per_sequence", max_epochs=10, patience=2),
+        itemknn_windows=(None, 2, 5, 20),
+        train_profile="quick",
+    ),
+}
+
+
+def get_profile(name: str) -> EvalProfile:
+    if name not in PROFILES:
+        raise MMLError(f"profile must be one of {sorted(PROFILES)}, got {name!r}")
+    return PROFILES[name]
+
+
+def profile_hash(profile: EvalProfile) -> str:
+    return hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
+
+
+def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None = None) -> Method:
+    """The method called `name`; `chosen` = the (loss, lr) picked by an earlier seed's sweep."""
+    if name == "pop":
+        from training.evaluation.baselines.pop import Pop
+
+        return Pop()
+    if name == "itemknn":
+        from training.evaluation.baselines.itemknn import ItemKNN
+
+        windows = (chosen["window"],) if chosen and "window" in chosen else profile.itemknn_windows
+        return ItemKNN(windows=windows)
+    if name in ("sasrec", "gru4rec", "full_retrain"):
+        from training.evaluation.baselines.sequential import SequentialBaseline
+
+        cfg = profile.sequential
+        if chosen and "loss" in chosen:
+            cfg = cfg.model_copy(update={"losses": (chosen["loss"],), "lrs": (chosen["lr"],)})
+        architecture = "gru4rec" if name == "gru4rec" else "sasrec"
+        return SequentialBaseline(architecture, cfg, name, with_new_support=name == "full_retrain")
+    if name == "pt_ft" or name in MML_ROWS or name in OPTIONAL_ROWS:
+        from training.evaluation.mml_rows import mml_method
+
+        return mml_method(name, profile.train_profile)
+    raise MMLError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+def chosen_config(info: dict[str, Any]) -> dict[str, Any]:
+    """What a later seed reuses from the first seed's selection."""
+    return {key: info[key] for key in ("loss", "lr", "window") if key in info}
+
+
+# ---- cache ----------------------------------------------------------------------------------------
+
+
+def run_path(cache: Path, setting: str, method: str, seed: int) -> Path:
+    return Path(cache) / setting / method / f"seed{seed}.npz"
+
+
+def save_run(path: Path, result: RunResult, profile: EvalProfile) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        f"{variant}/{metric}": result.per_user[variant][metric] for variant in VARIANTS for metric in METRICS
+    }
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    sidecar = {
+        "method": result.method,
+        "seed": result.seed,
+        "seconds": result.seconds,
+        "info": result.info,
+        "profile": profile.name,
+        "profile_hash": profile_hash(profile),
+    }
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+
+
+def load_run(path: Path, profile: EvalProfile | None = None) -> RunResult | None:
+    """A cached run, or None when absent or made with another profile."""
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        return None
+    meta = json.loads(sidecar.read_text())
+    if profile is not None and meta.get("profile_hash") != profile_hash(profile):
+        return None
+    with np.load(path) as data:
+        per_user = {
+            variant: {metric: data[f"{variant}/{metric}"] for metric in METRICS} for variant in VARIANTS
+        }
+    return RunResult(meta["method"], meta["seed"], per_user, meta["seconds"], meta.get("info", {}))
+
+
+# ---- settings -------------------------------------------------------------------------------------
+
+
+def cold_items_dir(data_dir: Path) -> Path:
+    """Default folder of the cold-users-and-items split, next to the default one."""
+    return data_dir.parent / f"{data_dir.name}-cold-items"
+
+
+def ensure_cold_items_split(data_dir: Path, out: Path, fraction: float = COLD_ITEMS_FRACTION) -> Path:
+    """Prepare (or reuse) the `--cold-items fraction` split from the same inputs as `data_dir`,
+    with its features. Uses the data and features stages' own caching."""
+    from training.data.prepare import prepare_dataset
+
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{data_dir} has no meta.json: prepare it with `mml data prepare` first")
+    meta = json.loads(meta_path.read_text())
+    source, options = meta.get("source", {}), meta.get("options", {})
+    kind, path = source.get("kind"), source.get("path")
+    prepare_dataset(
+        out=out,
+        source=Path(path) if kind == "source" else None,
+        mirror=Path(path) if kind == "mirror" else None,
+        T=options.get("T"),
+        cold_items=fraction,
+        seed=options.get("seed", 2020),
+        support=options.get("support", 8),
+        verbose=False,
+    )
+    if (data_dir / "features.npz").is_file():
+        from training.features.encode import compute_features
+
+        compute_features(out)
+    return out
+
+
+@dataclass
+class Grid:
+    settings: dict[str, Path]  # setting -> prepared split folder
+    methods: list[str]
+    seeds: list[int]
+    profile: EvalProfile
+    cache: Path
+
+
+def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[str, list[RunResult]]]:
+    """Every (setting, method, seed) run, from the cache when present; returns setting -> method -> runs."""
+    from training.data import load_split
+
+    results: dict[str, dict[str, list[RunResult]]] = {}
+    chosen_by_method: dict[str, dict[str, Any]] = {}
+    for setting, folder in grid.settings.items():
+        split = load_split(folder)
+        features = None
+        results[setting] = {}
+        for name in grid.methods:
+            runs: list[RunResult] = []
+            chosen = chosen_by_method.get(name)
+            for seed in grid.seeds:
+                path = run_path(grid.cache, setting, name, seed)
+                result = load_run(path, grid.profile)
+                if result is None:
+                    if features is None and name not in (
+                        "pop",
+                        "itemknn",
+                        "sasrec",
+                        "gru4rec",
+                        "full_retrain",
+                    ):
+                        from training.features import load_features
+
+                        features = load_features(folder)
+                    method = build_method(name, grid.profile, chosen)
+                    method.log = lambda line, prefix=f"{setting} {name} seed {seed}": log(f"{prefix}: {line}")
+                    result = evaluate(
+                        method,
+                        split,
+                        features=features,
+                        seed=seed,
+                        data_dir=str(folder),
+                        work_dir=str(Path(grid.cache) / setting / "runs"),
+                    )
+                    save_run(path, result, grid.profile)
+                    log(
+                        f"{setting} {name} seed {seed}: recall@10 {result.means()['recall@10']:.4f} "
+                        f"({result.seconds:.0f} s)"
+                    )
+                else:
+                    log(f"{setting} {name} seed {seed}: cached")
+                if chosen is None:
+                    chosen = chosen_by_method[name] = chosen_config(result.info)
+                runs.append(result)
+            results[setting][name] = runs
+    return results
