@@ -126,7 +126,6 @@ def meta_loss(
     """Query loss of a chunk of tasks after their local updates (mean over tasks). With
     `backward_weight`, accumulates backward_weight * d(loss)/d(Theta, Gamma) into .grad (the batched
     meta-gradient); without, only evaluates."""
-    learner = model.learner(name)
     params = theta(model, name)
     grad_enabled = backward_weight is not None
     with torch.set_grad_enabled(grad_enabled):
@@ -158,7 +157,6 @@ def meta_loss(
         loss = losses.mean()
         if grad_enabled:
             (loss * backward_weight).backward()
-    del learner
     return float(loss.detach())
 
 
