@@ -46,7 +46,9 @@ _register()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode click returns exit codes
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MMLError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

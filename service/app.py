@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
@@ -199,16 +199,21 @@ def _api_error_response(request: Request, exc: ApiError) -> JSONResponse:
 
 
 def _http_error_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    kinds = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+    error = kinds.get(exc.status_code, "http_error")
+    # FastAPI's own 400 is a body it could not parse (e.g. not UTF-8): the field is the body
+    fields = [FieldError(field="body", message=str(exc.detail))] if exc.status_code == 400 else []
+    message = f"body: {exc.detail}" if fields else str(exc.detail)
     return JSONResponse(
-        ErrorResponse(error=error, message=str(exc.detail)).model_dump(),
+        ErrorResponse(error=error, message=message, errors=fields).model_dump(),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
 
 
 def _server_error_response(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    # %r: the (percent-decoded) path may hold newlines or escape sequences; it must not forge log lines
+    log.error("unhandled error on %s %r", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
         ErrorResponse(error="internal", message="internal error (logged on the server)").model_dump(),
         status_code=500,
@@ -227,7 +232,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics.reap_dead_workers()
         await run_in_threadpool(service.load)  # verify, load, warm up: only then accept requests
         _install_sighup(service)
         yield
@@ -290,7 +294,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """Append an interaction to the user's stored history (read by /recall without `history`)."""
         return service.add_event(body)
 
-    @app.put("/items/{item_id}", response_model=ItemOut, tags=["admin"], dependencies=[Depends(admin)])
+    @app.put(
+        "/items/{item_id}",
+        response_model=ItemOut,
+        tags=["admin"],
+        dependencies=[Depends(admin)],
+        responses={201: {"model": ItemOut, "description": "Created"}},
+    )
     def put_item(body: ItemIn, item_id: str = PathParam(min_length=1, max_length=256)) -> JSONResponse:
         """Register a new item: its text and poster are encoded by the bundle's encoders and stored;
         it is warmed up (generated ID embedding) and becomes a candidate at once."""
@@ -309,12 +319,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         served = service.reload(body.path, body.arm)
         return ReloadResponse(reloaded=served, seconds=round(time.perf_counter() - start, 3))
 
+    # probes run on the event loop: they must not queue behind work in the thread pool
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         deployment = service.deployment
         if deployment is None:
             return JSONResponse({"ready": False}, status_code=503)
@@ -328,7 +339,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             }
         )
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus() -> Response:
         content, media_type = metrics.exposition()
         return Response(content, media_type=media_type)

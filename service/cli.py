@@ -17,6 +17,12 @@ def register(groups: dict[str, typer.Typer]) -> None:
         arms: Path | None = typer.Option(None, help="A/B arms config, YAML or JSON (default: one arm 'mml')"),
         redis_url: str | None = typer.Option(None, help="redis://host:port/db (default: in-process state)"),
         log_level: str = typer.Option("info", help="uvicorn log level"),
+        startup_timeout: int = typer.Option(
+            120,
+            min=1,
+            help="seconds a new worker may take to load the bundle when uvicorn restarts workers "
+            "(SIGHUP: one by one, each old worker retired once its replacement is ready)",
+        ),
     ) -> None:
         """Serve POST /recall over a bundle. Other settings come from the environment (docs/service.md);
         the admin token only from MML_ADMIN_TOKEN, so it never shows in the process list."""
@@ -24,13 +30,13 @@ def register(groups: dict[str, typer.Typer]) -> None:
         import shutil
         import tempfile
 
-        from mml.bundle import read_manifest
+        from mml.bundle import verify_bundle
         from mml.errors import MMLError
         from service.ab import load_arms
 
         if not bundle.is_dir():
             raise MMLError(f"--bundle {bundle}: not a directory")
-        read_manifest(bundle)  # fail fast, in one line, before starting workers
+        verify_bundle(bundle)  # fail fast, in one line, before starting workers
         load_arms(arms)
         os.environ["MML_BUNDLE"] = str(bundle.absolute())  # a symlink stays one: SIGHUP follows it
         if arms is not None:
@@ -59,6 +65,7 @@ def register(groups: dict[str, typer.Typer]) -> None:
                 log_level=log_level,
                 access_log=False,
                 timeout_graceful_shutdown=30,
+                timeout_worker_healthcheck=startup_timeout,
             )
         finally:
             if own_metrics_dir:

@@ -59,11 +59,7 @@ class Deployment:
     default_bundle: Path
     assigner: Assigner
     arms: dict[str, Arm]
-    tables: dict[Path, NewItemTable]  # bundle path -> its new-item table (shared by its arms)
-
-    @property
-    def runtimes(self) -> dict[Path, Runtime]:
-        return {path: table.runtime for path, table in self.tables.items()}
+    tables: dict[Path, NewItemTable]  # bundle path -> its runtime's new-item table (shared by its arms)
 
 
 def _abs(path: str | Path) -> Path:

@@ -55,9 +55,9 @@ class ItemRegistry:
         self._features.put((record.item_id, record.revision), record)
         return created
 
-    def snapshot(self) -> tuple[dict[str, str], bool]:
-        """({item_id: revision} of every registered item, degraded). Degraded: the store could not
-        be read and the last known registrations are returned."""
+    def snapshot(self) -> tuple[str | None, dict[str, str], bool]:
+        """(version, {item_id: revision} of every registered item, degraded). Degraded: the store
+        could not be read and the last known registrations are returned. One store round trip."""
         try:
             version = self.store.registered_version()
             if version != self._version:
@@ -65,8 +65,8 @@ class ItemRegistry:
                 with self._lock:
                     self._version, self._revisions = version, revisions
         except StoreUnavailable:
-            return self._revisions, True
-        return self._revisions, False
+            return self._version, self._revisions, True
+        return self._version, self._revisions, False
 
     def features(self, revisions: dict[str, str]) -> tuple[dict[str, ItemRecord], bool]:
         """Features of these items at these revisions: local cache first, then the store."""
@@ -137,22 +137,27 @@ class NewItemTable:
         self.runtime = runtime
         self.registry = registry
         self.snapshot = _empty(runtime)
+        self._built_version: str | None = None  # registry version the snapshot fully reflects
         self._sync_lock = threading.Lock()
 
     def sync(self) -> tuple[TableSnapshot, bool, float]:
         """Bring the table up to date with the registry. Returns (snapshot, degraded, seconds spent
-        warming up items). Requests call it first; it costs one store round trip when nothing changed."""
-        revisions, degraded = self.registry.snapshot()
+        warming up items). Requests call it first: one store round trip and O(1) work when the
+        registrations did not change since the last complete build."""
+        version, revisions, degraded = self.registry.snapshot()
+        if version is not None and version == self._built_version:
+            return self.snapshot, degraded, 0.0
         # A catalogue item of this bundle is served from the catalogue, never as a new item.
         wanted = {i: r for i, r in revisions.items() if i not in self.runtime.row_of}
-        if self.snapshot.covers(wanted):
-            return self.snapshot, degraded, 0.0
         with self._sync_lock:  # one request builds the update; the others wait for it, then reuse it
             if self.snapshot.covers(wanted):
+                self._built_version = None if degraded else version
                 return self.snapshot, degraded, 0.0
             start = time.perf_counter()
             snapshot, incomplete = self._rebuild(self.snapshot, wanted)
             self.snapshot = snapshot
+            # complete builds are keyed by the registry version; an incomplete one is retried
+            self._built_version = None if (degraded or incomplete) else version
             return snapshot, degraded or incomplete, time.perf_counter() - start
 
     def _rebuild(self, current: TableSnapshot, wanted: dict[str, str]) -> tuple[TableSnapshot, bool]:

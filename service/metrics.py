@@ -86,7 +86,8 @@ def observe_stages(timings: dict[str, float]) -> None:
 def reap_dead_workers() -> None:
     """Multiprocess mode: drop the live-gauge files of worker processes that no longer exist (a
     worker restarted by uvicorn's supervisor, e.g. on SIGHUP), so `mml_bundle_info` and
-    `mml_redis_up` describe the live workers only. Called when a worker starts."""
+    `mml_redis_up` describe the live workers only. Called on every scrape (a glob and a kill(pid, 0)
+    per worker file)."""
     if not MULTIPROCESS:
         return
     from pathlib import Path
@@ -108,6 +109,7 @@ def exposition() -> tuple[bytes, str]:
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
+        reap_dead_workers()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -11,7 +11,9 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Echoed in the X-Request-ID response header: visible ASCII only (a header cannot carry other
+# characters; a newline or a non-Latin-1 character would break the response).
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
 
 
 class _In(BaseModel):

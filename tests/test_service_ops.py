@@ -310,7 +310,7 @@ def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundle
         current.unlink()
         current.symlink_to(b)
         proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # two workers reload a bundle each; slow on a loaded 2-core box
         while True:
             try:
                 served = {httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] for _ in range(6)}
@@ -422,3 +422,16 @@ def test_two_replicas_share_state_through_redis(bundles, mirror, redis_db13, tmp
     assert srm.returncode == 0, srm.stdout + srm.stderr
     counted = sum(int(line.split()[2]) for line in srm.stdout.splitlines() if " users " in line)
     assert counted == 200  # the two QA-overridden requests of "shared" are left out
+
+
+def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    out = subprocess.run(
+        [sys.executable, "-m", "mml.cli", "serve", "--bundle", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error:") and "format_version 99" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
