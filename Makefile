@@ -16,7 +16,7 @@ PORT ?= 8000
 MML_DATA_MIRROR ?= $(if $(wildcard ../shared/datasets/ml-1m/ratings.dat),$(abspath ../shared/datasets),)
 export MML_DATA_MIRROR
 
-.PHONY: help setup run test bench results lint data features train export serve clean
+.PHONY: help setup run test bench results lint data features train export serve clean loadtest
 
 help:
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -63,3 +63,24 @@ lint: $(STAMP) ## ruff
 
 clean:
 	rm -rf $(ART) .cache
+
+# --- reliability and security (reliability/, docs/reliability.md) ---------------------------------
+.PHONY: fuzz faults soak audit
+FUZZ_EXAMPLES ?= 1000
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 50
+
+fuzz: $(STAMP) ## schemathesis over the OpenAPI spec (thousands of requests) -> docs/results/reliability.json
+	$(BIN)/python -m reliability.fuzz --examples $(FUZZ_EXAMPLES)
+
+faults: $(STAMP) ## Redis killed / slowed, 10 hot reloads, corrupted bundles, under load
+	$(BIN)/python -m reliability.faults
+
+soak: $(STAMP) ## SOAK_SECONDS at SOAK_RATE req/s, 2 workers: RSS and open fds per worker
+	$(BIN)/python -m reliability.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
+
+audit: $(STAMP) ## pip-audit of the installed packages; canary secrets in a fresh bundle
+	$(BIN)/python -m reliability.audit --with-encoders
+
+loadtest: export ## load test: serve the bundle on 127.0.0.1, locust 60 s -> docs/results/loadtest.md
+	$(BIN)/python -m loadtest.run --bundle $(BUNDLE) --data-dir $(DATA) $(LOADTEST_ARGS)
