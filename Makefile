@@ -52,7 +52,7 @@ test: $(STAMP) ## run the test suite
 	$(BIN)/pytest -q
 
 bench: $(STAMP) ## benchmarks -> docs/results/bench.json
-	$(BIN)/mml bench --out docs/results/bench.json
+	PYTHONPATH=. $(BIN)/mml bench --out docs/results/bench.json  # loadtest/ is not an installed package
 
 results: features ## regenerate the evaluation report from scratch
 	$(BIN)/mml evaluate --data $(DATA) --out docs/results

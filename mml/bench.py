@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("training.bench_meta", "stage-1 meta-training throughput, batched vs per-task loop"),
     ("training.export.bench", "fused scoring latency, ONNX Runtime vs eager PyTorch"),
     ("service.bench", "POST /recall latency and throughput"),
+    ("loadtest.bench_scale", "catalogue scale: exact vs IVF/HNSW top-k at 100k and 1M items"),
 ]
 
 # name -> (comparison, target)

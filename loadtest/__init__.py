@@ -1,0 +1,1 @@
+"""Load tests of the recall service (`make loadtest`) and the catalogue-scale benchmark (`mml bench`)."""
