@@ -43,7 +43,12 @@ class Stage1Config(_Frozen):
         description="tasks (users) per global update. Paper 5.1.3: batch 2048, i.e. 3 Adam steps per epoch on "
         "ML-1M's 5,365 old users; measured to leave the ID learner at chance (docs/model.md), so 256",
     )
-    chunk: int = Field(256, ge=1, description="tasks per vmapped chunk: bounds memory, not the maths")
+    chunk: int = Field(
+        64,
+        ge=1,
+        description="tasks per vmapped chunk: bounds memory, not the maths; a meta-batch is sorted by length "
+        "so each chunk drops its pad columns (64 measured fastest on 2 CPU cores: 120 vs 85 tasks/s for 256)",
+    )
     inner_steps: int = Field(5, ge=0, description="local updates per task (paper 5.1.3: 5)")
     inner_lr: float = Field(1e-3, gt=0.0, description="local SGD learning rate alpha (paper 5.1.3: 1e-3)")
     first_order: bool = Field(
@@ -116,7 +121,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
         "tasks": {"max_len": 21},
-        "stage1": {"epochs": 1, "meta_batch": 128, "chunk": 128, "inner_steps": 1},  # 42 Adam steps
+        "stage1": {"epochs": 2, "meta_batch": 64, "inner_steps": 1},  # 168 Adam steps on ML-1M
         "stage2": {"epochs": 1},
         "stage3": {"epochs": 1},
         "warmup": {"steps": 1},

@@ -18,12 +18,14 @@ each task's loss over its positions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
 from model.mml import LEARNERS, MML
+from model.norm import exact_second_order
 from training.config import Stage1Config, TrainConfig
 from training.losses import sequence_loss
 from training.tasks import TaskBatch, make_tasks, sample_windows
@@ -97,7 +99,7 @@ def adapt(
     def one_task(theta: Params, x, valid, sims, target, negative, mask) -> Params:
         for _ in range(steps):
             grads = loss_grad(theta, x, valid, sims, target, negative, mask)
-            theta = {k: theta[k] - lr * grads[k] for k in theta}
+            theta = {k: torch.add(theta[k], grads[k], alpha=-lr) for k in theta}  # theta - lr * grad, one op
         return theta
 
     if steps == 0:
@@ -128,13 +130,21 @@ def meta_loss(
     meta-gradient); without, only evaluates."""
     params = theta(model, name)
     grad_enabled = backward_weight is not None
-    with torch.set_grad_enabled(grad_enabled):
+    second_order = grad_enabled and not cfg.first_order
+    # Second order differentiates through the local updates: LayerNorm must then use primitive ops
+    # (torch's fused layer_norm has a wrong double backward under vmap, see model/norm.py).
+    exact = exact_second_order() if second_order else nullcontext()
+    with torch.set_grad_enabled(grad_enabled), exact:
         inputs = model.learner_inputs(name, batch["seq"])
         table, target, negative = candidates(
             model, name, batch["target"], batch["negative"], cfg.loss, n_candidates
         )
         support = (target, negative, batch["support"])
-        if cfg.first_order or not grad_enabled:
+        if second_order:
+            adapted = adapt(
+                model, name, params, inputs, table, *support, cfg.inner_steps, cfg.inner_lr, cfg.loss
+            )
+        else:
             # First-order MAML: the local updates are computed outside the graph; the adapted weights
             # re-enter it as Theta + (Theta_b - Theta), so d Theta_b / d Theta = I (explicit, not silent).
             with torch.no_grad():
@@ -144,10 +154,6 @@ def meta_loss(
                     cfg.inner_steps, cfg.inner_lr, cfg.loss,
                 )  # fmt: skip
             adapted = {k: params[k] + (adapted[k] - fixed[k]) for k in params}
-        else:
-            adapted = adapt(
-                model, name, params, inputs, table, *support, cfg.inner_steps, cfg.inner_lr, cfg.loss
-            )
         x, valid, sims = inputs
         query_loss = task_loss_fn(model, name, cfg.loss, table)
         sims_dim = None if sims is None else 0
@@ -170,7 +176,7 @@ def meta_loss_looped(
 ) -> float:
     """The same meta-gradient as `meta_loss` with a Python loop over tasks and torch.autograd (the
     reference for tests and the speed benchmark): same inputs and maths; the local updates run task
-    by task, the query losses are summed and back-propagated once."""
+    by task, each at its own length, the query losses are summed and back-propagated once."""
     params = theta(model, name)
     inputs = model.learner_inputs(name, batch["seq"])
     table, target, negative = candidates(
@@ -181,17 +187,18 @@ def meta_loss_looped(
     n_tasks = x.shape[0]
     queries = []
     for b in range(n_tasks):
-        task = (x[b], valid[b], None if sims is None else (sims[0][b], sims[1][b]))
+        n = max(int(valid[b].sum()), 1)  # each task at its own length (no pad columns)
+        task = (x[b, :n], valid[b, :n], None if sims is None else (sims[0][b, :n, :n], sims[1][b, :n, :n]))
         local = dict(params)
         for _ in range(cfg.inner_steps):
-            support = loss(local, *task, target[b], negative[b], batch["support"][b])
+            support = loss(local, *task, target[b, :n], negative[b, :n], batch["support"][b, :n])
             grads = torch.autograd.grad(
                 support, list(local.values()), create_graph=not cfg.first_order, retain_graph=True
             )
             if cfg.first_order:  # first-order MAML: the local step is a constant shift of Theta
                 grads = [g.detach() for g in grads]
             local = {k: v - cfg.inner_lr * g for (k, v), g in zip(local.items(), grads, strict=True)}
-        queries.append(loss(local, *task, target[b], negative[b], batch["query"][b]))
+        queries.append(loss(local, *task, target[b, :n], negative[b, :n], batch["query"][b, :n]))
     total = torch.stack(queries).mean()
     (total * backward_weight).backward()
     return float(total.detach())
