@@ -35,6 +35,8 @@ def _tasks_per_second(step: Callable[[], None], n_tasks: int, repeats: int) -> f
 
 
 def run(
+    context: dict | None = None,
+    *,
     n_items: int = 3700,
     batched_tasks: int = 256,
     looped_tasks: int = 32,
@@ -43,6 +45,7 @@ def run(
     threads: int = 1,
     seed: int = 0,
 ) -> dict:
+    """`mml bench` entry point (`context` = its shared options; none are needed here)."""
     if learner not in LEARNERS:
         raise ValueError(f"learner must be one of {LEARNERS}")
     before = torch.get_num_threads()
