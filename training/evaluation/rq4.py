@@ -55,9 +55,9 @@ def run_rq4(
             runs = []
             for seed in seeds:
                 path = run_path(cache / "rq4", name, f"f{fraction:g}", seed)
-                result = load_run(path, profile)
+                result = load_run(path, profile, name)
                 if result is None and fraction == 1.0:  # all old users: the main grid's run
-                    result = load_run(run_path(cache, "cold_users", name, seed), profile)
+                    result = load_run(run_path(cache, "cold_users", name, seed), profile, name)
                 if result is None:
                     result = evaluate(
                         build_method(name, profile),
@@ -67,7 +67,7 @@ def run_rq4(
                         data_dir=str(data_dir),
                         work_dir=str(cache / "rq4" / f"f{fraction:g}" / "runs"),
                     )
-                    save_run(path, result, profile)
+                    save_run(path, result, profile, name)
                     log(f"rq4 {name} {fraction:.0%} seed {seed}: recall@10 {result.means()['recall@10']:.4f}")
                 runs.append(result)
             out[name][fraction] = runs

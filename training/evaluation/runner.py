@@ -1,14 +1,16 @@
 """The evaluation grid: settings x methods x seeds, each run cached on disk.
 
 A run (one method, one setting, one seed) stores its per-user metric values under
-`cache/<setting>/<method>/seed<seed>.npz` with a JSON sidecar (what the method chose, seconds, the
-profile hash). A rerun with the same profile reuses it, so an interrupted `mml evaluate` resumes,
-and the report can be regenerated without training anything.
+`cache/<setting>/<method>/seed<seed>.npz` with a JSON sidecar (what the method chose, seconds, a hash
+of the settings the method depends on). A rerun with the same settings reuses it, so an interrupted
+`mml evaluate` resumes, a change to one method's settings reruns only that method, and the report
+can be regenerated without training anything.
 
 Model selection that is expensive (the learning-rate x loss sweep of the non-transfer baselines, the
 kNN window) runs once, on the first seed of the first setting, on that setting's validation items;
 every later seed and setting trains the chosen configuration (MML's learning rates are fixed too).
-The sweep is recorded in the first run's `info`.
+The sweep is recorded in the first run's `info`. Full Retrain (SASRec on D_old + support items)
+reuses SASRec's selection.
 """
 
 from __future__ import annotations
@@ -75,8 +77,25 @@ def get_profile(name: str) -> EvalProfile:
     return PROFILES[name]
 
 
-def profile_hash(profile: EvalProfile) -> str:
-    return hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
+def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
+    """The part of a profile that a method's result depends on (its cache key)."""
+    if name == "itemknn":
+        return {"windows": list(profile.itemknn_windows)}
+    if name in ("sasrec", "gru4rec", "full_retrain"):
+        return profile.sequential.model_dump(mode="json")
+    if name == "pop":
+        return {}
+    return {"train_profile": profile.train_profile}
+
+
+def config_hash(name: str, profile: EvalProfile) -> str:
+    text = json.dumps({"method": name, **method_settings(name, profile)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Full Retrain is SASRec trained on more data: it reuses SASRec's selected loss and learning rate
+# when SASRec ran first (one sweep fewer; the selection is still made on the validation items).
+SELECTION_FROM = {"full_retrain": "sasrec"}
 
 
 def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None = None) -> Method:
@@ -117,7 +136,7 @@ def run_path(cache: Path, setting: str, method: str, seed: int) -> Path:
     return Path(cache) / setting / method / f"seed{seed}.npz"
 
 
-def save_run(path: Path, result: RunResult, profile: EvalProfile) -> None:
+def save_run(path: Path, result: RunResult, profile: EvalProfile, name: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         f"{variant}/{metric}": result.per_user[variant][metric] for variant in VARIANTS for metric in METRICS
@@ -131,18 +150,19 @@ def save_run(path: Path, result: RunResult, profile: EvalProfile) -> None:
         "seconds": result.seconds,
         "info": result.info,
         "profile": profile.name,
-        "profile_hash": profile_hash(profile),
+        "config_hash": config_hash(name or result.method, profile),
     }
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
 
 
-def load_run(path: Path, profile: EvalProfile | None = None) -> RunResult | None:
-    """A cached run, or None when absent or made with another profile."""
+def load_run(path: Path, profile: EvalProfile | None = None, name: str | None = None) -> RunResult | None:
+    """A cached run, or None when absent or made with other settings for this method (`name`, by
+    default the method recorded in the run)."""
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         return None
     meta = json.loads(sidecar.read_text())
-    if profile is not None and meta.get("profile_hash") != profile_hash(profile):
+    if profile is not None and meta.get("config_hash") != config_hash(name or meta["method"], profile):
         return None
     with np.load(path) as data:
         per_user = {
@@ -208,10 +228,10 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[s
         results[setting] = {}
         for name in grid.methods:
             runs: list[RunResult] = []
-            chosen = chosen_by_method.get(name)
+            chosen = chosen_by_method.get(name) or chosen_by_method.get(SELECTION_FROM.get(name, ""))
             for seed in grid.seeds:
                 path = run_path(grid.cache, setting, name, seed)
-                result = load_run(path, grid.profile)
+                result = load_run(path, grid.profile, name)
                 if result is None:
                     if features is None and name not in (
                         "pop",
@@ -233,7 +253,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[s
                         data_dir=str(folder),
                         work_dir=str(Path(grid.cache) / setting / "runs"),
                     )
-                    save_run(path, result, grid.profile)
+                    save_run(path, result, grid.profile, name)
                     log(
                         f"{setting} {name} seed {seed}: recall@10 {result.means()['recall@10']:.4f} "
                         f"({result.seconds:.0f} s)"

@@ -1,0 +1,79 @@
+"""MML, its ablations and PT-FT through the protocol, on a small synthetic split with a tiny training
+config: every row scores the whole catalogue, and no held-out item reaches training or warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.evaluation.mml_rows import ROWS, MMLRow, training_split
+from training.evaluation.protocol import evaluate, train_data
+from training.synthetic import synthetic
+
+TINY = {  # a few seconds per run (the training stage's own test settings)
+    "model": {"d": 16, "d_ffn": 32, "max_len": 12, "n_neighbours": 4},
+    "stage1": {"epochs": 1, "meta_batch": 16, "chunk": 16, "inner_steps": 1, "lr_id": 1e-2},
+    "stage2": {"epochs": 1, "batch": 64},
+    "stage3": {"epochs": 1, "batch": 64, "user_fraction": 1.0},
+    "warmup": {"steps": 1},
+    "eval_tasks": 16,
+}
+HELD_OUT = 60  # the last catalogue item: only ever a validation / query item below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _split(query_item: int = HELD_OUT):
+    split, features = synthetic(n_old_users=48, n_new_users=12)
+    split.new_support = np.where(split.new_support == HELD_OUT, 51, split.new_support).astype(np.int32)
+    split.old_seqs = [np.where(s == HELD_OUT, 1, s).astype(np.int32) for s in split.old_seqs]
+    split.new_valid = np.full(len(split.new_valid), HELD_OUT, np.int32)
+    split.new_query = np.full(len(split.new_query), query_item, np.int32)
+    return split, features
+
+
+class RecordingRow(MMLRow):
+    def fit(self, data, validator):
+        self.seen_fit = data
+        super().fit(data, validator)
+
+    def adapt(self, users, support, validator):
+        self.seen_adapt = [*getattr(self, "seen_adapt", []), support.copy()]
+        return super().adapt(users, support, validator)
+
+
+def test_training_split_holds_no_held_out_item_and_ignores_the_query() -> None:
+    from training.run import data_fingerprint
+
+    split, features = _split()
+    other, _ = _split(query_item=5)
+    first, second = training_split(train_data(split, features)), training_split(train_data(other, features))
+    for part in (first.new_valid, first.new_query, first.new_support, *first.old_seqs):
+        assert not np.isin(HELD_OUT, part).any()
+    # the training stage fingerprints everything it receives: identical for different query items
+    assert data_fingerprint(first, features) == data_fingerprint(second, features)
+
+
+def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
+    split, features = _split()
+    results = {}
+    for name in ROWS:
+        if name == "mml_ce":
+            continue
+        method = RecordingRow(name, "quick", overrides=TINY)
+        results[name] = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
+        assert not np.isin(
+            HELD_OUT, np.concatenate([*method.seen_fit.old_seqs, method.seen_fit.new_support.ravel()])
+        )
+        assert not np.isin(HELD_OUT, np.concatenate(method.seen_adapt)).any()
+        assert 0.0 <= results[name].means()["recall@20"] <= 1.0
+    # one MML run and one PT-FT run were trained; the ablations reused the MML run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mml-bpr-quick-seed0", "ptft-bpr-quick-seed0"]
+    assert results["mml_zero_shot"].info["warmup_steps"] == 0 and results["mml"].info["warmup_steps"] == 1
