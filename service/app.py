@@ -289,9 +289,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             },
         )
 
-    @app.post("/events", response_model=EventOut, status_code=202, tags=["state"])
+    @app.post(
+        "/events", response_model=EventOut, response_model_exclude_none=True, status_code=202, tags=["state"]
+    )
     def events(body: EventIn) -> EventOut:
-        """Append an interaction to the user's stored history (read by /recall without `history`)."""
+        """Append an interaction to the user's stored history (read by /recall without `history`).
+        With `event_id`, a retry of an event already stored is answered without appending it again."""
         return service.add_event(body)
 
     @app.put(

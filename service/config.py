@@ -36,6 +36,8 @@ class ServiceSettings(BaseSettings):
     """Events kept per user by POST /events (the model reads only the most recent max_len)."""
     history_ttl_s: int = Field(30 * 24 * 3600, alias="MML_HISTORY_TTL_S", ge=0)
     """A user's history expires this long after their last event (0 = never)."""
+    event_dedupe_ttl_s: int = Field(24 * 3600, alias="MML_EVENT_DEDUPE_TTL_S", ge=1)
+    """POST /events: how long an `event_id` is remembered per user (a retry within it is not appended)."""
     local_cache_items: int = Field(100_000, alias="MML_LOCAL_CACHE_ITEMS", ge=0)
     """New-item features and generated embeddings kept in process memory (serves them while Redis is down)."""
 

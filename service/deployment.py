@@ -41,6 +41,7 @@ from service.schemas import (
     RecallResponse,
 )
 from service.store import ItemRecord, StoreUnavailable, make_store
+from service.topk import TopKConfig
 
 log = logging.getLogger("mml.service")
 
@@ -72,6 +73,7 @@ def build_deployment(
     default_bundle: Path,
     registry: ItemRegistry,
     reuse: dict[Path, NewItemTable] | None = None,
+    topk: TopKConfig | None = None,
 ) -> Deployment:
     """Load (or reuse) each distinct bundle once, build every arm's pipeline, warm up new items."""
     reuse = reuse or {}
@@ -94,7 +96,7 @@ def build_deployment(
                 ) from exc
             pipeline = AdaptingPipeline(table.runtime, table, arm.adapt_steps)
         else:
-            pipeline = RecallPipeline(table.runtime, table)
+            pipeline = RecallPipeline(table.runtime, table, topk)
         pipeline.prepare()
         arms[arm.name] = Arm(arm, path, table.runtime, pipeline)
     return Deployment(config, _abs(default_bundle), Assigner(config), arms, tables)
@@ -126,7 +128,7 @@ class RecallService:
         if self.settings.bundle is None:
             raise MMLError("no bundle to serve: set MML_BUNDLE or pass --bundle")
         config = load_arms(self.settings.arms_config)
-        self._swap(build_deployment(config, self.settings.bundle, self.registry))
+        self._swap(build_deployment(config, self.settings.bundle, self.registry, topk=self.settings.topk))
 
     @property
     def ready(self) -> bool:
@@ -162,7 +164,7 @@ class RecallService:
             # Bundles not named by this reload keep their loaded runtime; the named one is rebuilt.
             reuse = {p: t for p, t in current.tables.items() if p not in rebuilt}
             try:
-                new = build_deployment(config, default, self.registry, reuse)
+                new = build_deployment(config, default, self.registry, reuse, self.settings.topk)
             except MMLError as exc:
                 metrics.RELOADS.labels(result="refused").inc()
                 raise ApiError(
@@ -245,10 +247,13 @@ class RecallService:
     def add_event(self, event: EventIn) -> EventOut:
         ts = event.ts if event.ts is not None else int(time.time())
         try:
-            length = self.store.append_event(event.user_id, event.item_id, ts)
+            done = self.store.add_event(event.user_id, event.item_id, ts, event.event_id)
         except StoreUnavailable as exc:
             raise ApiError(503, "store_unavailable", "the event store is unreachable; retry later") from exc
-        return EventOut(user_id=event.user_id, history_length=length)
+        if event.event_id is None:  # no idempotency key: the answer of the earlier API, unchanged
+            return EventOut(user_id=event.user_id, history_length=done.length)
+        dup = int(done.duplicate)
+        return EventOut(user_id=event.user_id, history_length=done.length, accepted=1 - dup, duplicates=dup)
 
     # --- PUT /items/{item_id} ---------------------------------------------------------------------
 

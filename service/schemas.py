@@ -69,15 +69,26 @@ class ItemOut(BaseModel):
     revision: str  # digest of the stored features; cached embeddings of older revisions are dropped
 
 
+# Idempotency key of an event, chosen by the client (a UUID, a ULID, ...): no ':' (it ends the
+# per-user Redis key unambiguously) and nothing outside this URL-safe set.
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._~-]+$")]
+
+
 class EventIn(_In):
     user_id: Id
     item_id: Id
     ts: int | None = Field(None, ge=0)  # unix seconds; absent: the server's clock
+    # a retry with the same event_id (same user, within MML_EVENT_DEDUPE_TTL_S) is not appended again;
+    # absent: every request appends (a retry after a timeout or a 503 may duplicate the event)
+    event_id: EventId | None = None
 
 
 class EventOut(BaseModel):
     user_id: str
     history_length: int
+    # only with an event_id (absent otherwise, so the answer without one is unchanged):
+    accepted: int | None = None  # 1: appended now
+    duplicates: int | None = None  # 1: this event_id was already recorded, nothing appended
 
 
 # --- models and admin -----------------------------------------------------------------------------

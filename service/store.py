@@ -14,6 +14,8 @@ Two implementations of one interface:
 Redis layout (every key starts with the configured prefix, default `mml:`):
 
     hist:<user_id>          list of "<ts>\\t<item_id>", capped (LTRIM), TTL refreshed per event
+    events:seen:<user_id>:<event_id>
+                            "1": the event was appended (idempotent POST /events), TTL = dedupe window
     items                   hash item_id -> revision of every registered new item
     items:version           counter, incremented by every registration (replicas poll it)
     item:<item_id>          hash: text, image (float32 bytes), image_mask, revision, encoder, meta (JSON)
@@ -51,6 +53,14 @@ class ItemRecord:
     meta: dict = field(default_factory=dict)  # title, year, genres, registered_at
 
 
+@dataclass(frozen=True)
+class EventAppend:
+    """What `Store.add_event` did."""
+
+    length: int  # the user's history length after the call
+    duplicate: bool  # the event_id was already recorded (within the dedupe window): nothing appended
+
+
 @dataclass
 class Embedding:
     revision: str  # revision of the item features it was generated from
@@ -71,6 +81,12 @@ class Store:
 
     def append_event(self, user_id: str, item_id: str, ts: int) -> int:
         """Append to the user's history (capped); returns its length."""
+        return self.add_event(user_id, item_id, ts).length
+
+    def add_event(self, user_id: str, item_id: str, ts: int, event_id: str | None = None) -> EventAppend:
+        """Append to the user's history (capped). With an `event_id` already recorded for this user
+        within the dedupe window nothing is appended (a retry); otherwise the event_id is recorded
+        atomically with the append: both happen or neither. Without an event_id every call appends."""
         raise NotImplementedError
 
     def history(self, user_id: str) -> list[str]:
@@ -112,10 +128,17 @@ def _sorted_history(entries: list[tuple[int, str]]) -> list[str]:
 class MemoryStore(Store):
     kind = "memory"
 
-    def __init__(self, history_cap: int = 200) -> None:
+    def __init__(
+        self, history_cap: int = 200, event_dedupe_ttl_s: float = 86_400, event_dedupe_max: int = 100_000
+    ) -> None:
         self.history_cap = history_cap
+        self.event_dedupe_ttl_s = event_dedupe_ttl_s
+        self.event_dedupe_max = event_dedupe_max
         self._lock = threading.Lock()
         self._histories: dict[str, list[tuple[int, str]]] = {}
+        # (user_id, event_id) -> expiry (monotonic seconds), oldest first: one TTL for all, so the
+        # insertion order is the expiry order; bounded (the oldest ids are forgotten beyond the cap)
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._items: dict[str, ItemRecord] = {}
         self._version = 0
         self._embeddings: dict[tuple[str, str], Embedding] = {}
@@ -124,12 +147,21 @@ class MemoryStore(Store):
     def ping(self) -> bool:
         return True
 
-    def append_event(self, user_id: str, item_id: str, ts: int) -> int:
+    def add_event(self, user_id: str, item_id: str, ts: int, event_id: str | None = None) -> EventAppend:
         with self._lock:
+            now = time.monotonic()
+            while self._seen and next(iter(self._seen.values())) <= now:
+                self._seen.popitem(last=False)
+            if event_id is not None and (user_id, event_id) in self._seen:
+                return EventAppend(len(self._histories.get(user_id, ())), duplicate=True)
             entries = self._histories.setdefault(user_id, [])
             entries.append((ts, item_id))
             del entries[: max(0, len(entries) - self.history_cap)]
-            return len(entries)
+            if event_id is not None:
+                self._seen[(user_id, event_id)] = now + self.event_dedupe_ttl_s
+                while len(self._seen) > self.event_dedupe_max:
+                    self._seen.popitem(last=False)
+            return EventAppend(len(entries), duplicate=False)
 
     def history(self, user_id: str) -> list[str]:
         with self._lock:
@@ -204,6 +236,27 @@ class CircuitBreaker:
             metrics.REDIS_UP.set(0)
 
 
+# One atomic step (a script runs alone on the server): dedupe check, append, cap, TTL, and only then
+# the dedupe key, after every command that could fail, so an error leaves neither. `#!lua` (Redis 7):
+# the out-of-memory check happens once before the script starts, not between its writes.
+# KEYS[1] history, KEYS[2] (only with an event_id) dedupe key;
+# ARGV: entry, history cap, history TTL (0: none), dedupe TTL. Returns {appended 0/1, history length}.
+_APPEND_EVENT = """#!lua
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
+  return {0, redis.call('LLEN', KEYS[1])}
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+if tonumber(ARGV[3]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+if KEYS[2] then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[4])
+end
+return {1, redis.call('LLEN', KEYS[1])}
+"""
+
+
 def _f32(buf: bytes | None, dim_hint: int | None = None) -> np.ndarray:
     if buf is None:
         return np.zeros(dim_hint or 0, np.float32)
@@ -223,6 +276,7 @@ class RedisStore(Store):
         history_cap: int = 200,
         history_ttl_s: int = 0,
         exposure_maxlen: int = 1_000_000,
+        event_dedupe_ttl_s: int = 86_400,
     ) -> None:
         import redis
         from redis.backoff import NoBackoff
@@ -242,6 +296,8 @@ class RedisStore(Store):
         self.history_cap = history_cap
         self.history_ttl_s = history_ttl_s
         self.exposure_maxlen = exposure_maxlen
+        self.event_dedupe_ttl_s = event_dedupe_ttl_s
+        self._append_event = self.client.register_script(_APPEND_EVENT)  # EVALSHA, loaded on NOSCRIPT
         self.breaker = CircuitBreaker(backoff, backoff_max)
         metrics.REDIS_UP.set(1)  # optimistic until the first failure
 
@@ -266,19 +322,14 @@ class RedisStore(Store):
         except StoreUnavailable:
             return False
 
-    def append_event(self, user_id: str, item_id: str, ts: int) -> int:
-        key = f"{self.p}hist:{user_id}"
-
-        def op(r):
-            pipe = r.pipeline(transaction=False)
-            pipe.rpush(key, f"{ts}\t{item_id}")
-            pipe.ltrim(key, -self.history_cap, -1)
-            if self.history_ttl_s:
-                pipe.expire(key, self.history_ttl_s)
-            pipe.llen(key)
-            return pipe.execute()[-1]
-
-        return int(self._call(op))
+    def add_event(self, user_id: str, item_id: str, ts: int, event_id: str | None = None) -> EventAppend:
+        keys = [f"{self.p}hist:{user_id}"]
+        if event_id is not None:
+            # unambiguous per user: event ids cannot contain ':' (schemas.EventId)
+            keys.append(f"{self.p}events:seen:{user_id}:{event_id}")
+        args = [f"{ts}\t{item_id}", self.history_cap, self.history_ttl_s, self.event_dedupe_ttl_s]
+        appended, length = self._call(lambda r: self._append_event(keys=keys, args=args, client=r))
+        return EventAppend(int(length), duplicate=not appended)
 
     def history(self, user_id: str) -> list[str]:
         raw = self._call(lambda r: r.lrange(f"{self.p}hist:{user_id}", 0, -1))
@@ -421,5 +472,6 @@ def make_store(settings) -> Store:
             history_cap=settings.history_cap,
             history_ttl_s=settings.history_ttl_s,
             exposure_maxlen=settings.exposure_stream_maxlen,
+            event_dedupe_ttl_s=settings.event_dedupe_ttl_s,
         )
-    return MemoryStore(history_cap=settings.history_cap)
+    return MemoryStore(history_cap=settings.history_cap, event_dedupe_ttl_s=settings.event_dedupe_ttl_s)

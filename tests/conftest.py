@@ -40,3 +40,17 @@ def ml1m_features_dir(ml1m_dir: Path) -> Path:
 
     compute_features(ml1m_dir)
     return ml1m_dir
+
+
+@pytest.fixture(scope="session")
+def ml1m_quick_run(ml1m_features_dir: Path) -> Path:
+    """`mml train --profile quick` on the ML-1M split (~2 CPU-minutes), trained once per machine; a
+    finished run with the same settings and data is loaded, not retrained (training.run resumes)."""
+    from training.checkpoint import stage_path
+    from training.config import profile
+    from training.run import train_from_dir
+
+    run = CACHE / "runs" / "ml-1m-quick"
+    if not stage_path(run, 3).is_file():
+        train_from_dir(ml1m_features_dir, run, profile("quick"), show_progress=False)
+    return run

@@ -326,21 +326,13 @@ HORROR = [
 ]  # The Shining, A Nightmare on Elm Street, Scream 2, ...
 
 
-QUICK_RUN = REPO / ".cache" / "test-artifacts" / "runs" / "ml-1m-quick"
-
-
 @pytest.fixture(scope="module")
-def trained_server(ml1m_features_dir: Path, tmp_path_factory):
-    """The service over the quick-trained ML-1M run (`mml train --profile quick`, ~30 CPU-minutes,
-    so it is not trained here: the run is shared with tests/test_export_ml1m.py)."""
+def trained_server(ml1m_features_dir: Path, ml1m_quick_run: Path, tmp_path_factory):
+    """The service over the quick-trained ML-1M run (`mml train --profile quick`, trained by the
+    session fixture when this machine has no such run yet; shared with tests/test_export_ml1m.py)."""
     from service.testing import trained_bundle
 
-    if not (QUICK_RUN / "stage3.pt").is_file():
-        pytest.skip(
-            f"no quick-trained run at {QUICK_RUN}: create it with `mml train --data {ml1m_features_dir} "
-            f"--profile quick --out {QUICK_RUN}`"
-        )
-    bundle = trained_bundle(QUICK_RUN, ml1m_features_dir, BUNDLES / "trained")
+    bundle = trained_bundle(ml1m_quick_run, ml1m_features_dir, BUNDLES / "trained")
     settings = load_settings(
         bundle=bundle, admin_token=TOKEN, exposure_log=tmp_path_factory.mktemp("exp") / "exposures.jsonl"
     )

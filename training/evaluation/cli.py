@@ -40,6 +40,9 @@ def evaluate(
     rq4: bool = typer.Option(
         True, "--rq4/--no-rq4", help="also run RQ4 (MML vs PT-FT on 20..100% of old users)"
     ),
+    rq4_seeds: int | None = typer.Option(
+        None, "--rq4-seeds", min=1, help="seeds of the RQ4 points [default: --seeds]"
+    ),
 ) -> None:
     """Evaluate every method on the cold-start protocol and write the JSON results and the report."""
     import json
@@ -68,6 +71,7 @@ def evaluate(
         )
     cache_dir = cache or Path("artifacts") / "eval" / dataset / eval_profile.name
     seed_list = list(range(seeds))
+    rq4_seed_list = list(range(rq4_seeds or seeds))
     grid = runner.Grid(folders, chosen_methods, seed_list, eval_profile, cache_dir)
     results = runner.run_grid(grid, log=lambda line: typer.echo(line, err=True))
 
@@ -83,11 +87,11 @@ def evaluate(
             load_features(data),
             data,
             eval_profile,
-            seed_list,
+            rq4_seed_list,
             cache_dir,
             log=lambda line: typer.echo(line, err=True),
         )
-        rq4_doc = summarise_rq4(rq4_runs, "cold_users", seed_list)
+        rq4_doc = summarise_rq4(rq4_runs, "cold_users", rq4_seed_list)
         figure = out / f"{dataset}-rq4.png"
         rep.plot_rq4(rq4_doc, figure)
         figures["rq4"] = os.path.relpath(figure, report.parent)
@@ -108,6 +112,7 @@ def evaluate(
             + ([f"--methods {methods}"] if methods else [])
             + [f"--profile {profile}"]
             + ([] if rq4 else ["--no-rq4"])
+            + ([f"--rq4-seeds {rq4_seeds}"] if rq4 and rq4_seeds else [])
         ),
         "seconds": run_seconds + rq4_seconds,
         "seconds_rq4": rq4_seconds,
