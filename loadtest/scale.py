@@ -1,6 +1,6 @@
 """Catalogue scale: the top-k stage of /recall over 100k and 1M items, exact against approximate.
 
-The service scores every catalogue row per request (`service/pipeline.py`, stage `topk`):
+By default the service scores every catalogue row per request (`service/topk.py`, stage `topk`):
 
     scores = items_concat @ query + bias        # items_concat: (N+1, 3d) float32 = [id_emb | text_vec | image_vec]
     best   = top_k(scores, k)                    # argpartition, then a sort of the k
@@ -20,15 +20,19 @@ N(0, I/(3d)); the figures then say `scale_data = "gaussian"`.
 
 **Methods** (one query at a time, one thread, k = 100, as one request on one core of a replica; the
 timed loops run at a raised scheduling priority where permitted, see `raised_priority`):
-* `exact`: the service's own code path above (`service.pipeline.top_k`).
-* `ivf`: Faiss IVF-Flat, nlist = N / `ivf_points_per_list` (power of two), k-means on a sample;
-  nprobe tuned: the smallest value of the grid with recall@100 >= target on the tuning queries.
+* `exact`: the service's default code path above (`service.topk.top_k`, as in `ExactTopK`).
+* `ivf`: the service's own IVF top-k stage, `service.topk.IvfTopK` (what `MML_TOPK__KIND=ivf`
+  serves: Faiss IVF-Flat, inner product, over the MIPS-augmented rows below), nlist = N /
+  `ivf_points_per_list` (power of two), k-means on a sample; nprobe tuned: the smallest value of the
+  grid with recall@100 >= target on the tuning queries. Timed: `IvfTopK.search`, the call the
+  service's topk stage makes per request (one query, over-fetch and filtering included).
 * `hnsw`: Faiss HNSW-Flat (M, efConstruction below); efSearch tuned like nprobe. Built at 100k only
   by default: its build is the slowest step (O(N log N) graph insertions), and on this data it needs
   a large efSearch for the target recall (HNSW straight on the inner product stalls near 0.75).
 Both indexes work on the MIPS -> nearest-neighbour reduction (Bachrach et al., 2014): item x becomes
 [x, sqrt(R^2 - |x|^2)] with R the largest item norm, query q becomes [q, 0]; then
-|q' - x'|^2 = |q|^2 + R^2 - 2 q.x, so the L2 order is exactly the inner-product order.
+|q' - x'|^2 = |q|^2 + R^2 - 2 q.x, so the L2 order is exactly the inner-product order (IvfTopK
+clusters and probes by L2 on those rows and scans its lists by inner product, q'.x' = q.x).
 
 **Figures** per size and method: p50/p99 latency (ms) on held-out test queries, recall@100 against
 the exact top-100 (ground truth: batched matmul of the same matrix), memory (bytes of the matrix or
@@ -208,7 +212,7 @@ class Timer:
 
 def measure_exact(items: np.ndarray, queries: np.ndarray, k: int) -> tuple[Timer, np.ndarray]:
     """The service's top-k stage, one query at a time: per-query times and (Q, k) results."""
-    from service.pipeline import top_k
+    from service.topk import top_k
 
     scores = np.empty(len(items), np.float32)
     bias = np.float32(0.5)  # any constant: added like the model's bias, cannot change the ranking
@@ -240,22 +244,25 @@ def _pow2(x: float) -> int:
     return int(2 ** max(0, round(np.log2(max(x, 1.0)))))
 
 
-def build_ivf(items_aug: np.ndarray, config: ScaleConfig, rng: np.random.Generator):
-    import faiss
+def build_ivf(items: np.ndarray, config: ScaleConfig):
+    """The service's own IVF top-k stage (`service.topk.IvfTopK`, what `MML_TOPK__KIND=ivf` serves)
+    over these rows (index id = row), nlist = N / ivf_points_per_list (a power of two)."""
+    from service.topk import IvfTopK, TopKConfig
 
-    nlist = _pow2(len(items_aug) / config.ivf_points_per_list)
-    quantizer = faiss.IndexFlatL2(items_aug.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, items_aug.shape[1], nlist, faiss.METRIC_L2)
-    size = min(len(items_aug), nlist * config.ivf_train_points_per_list)
-    sample = items_aug[rng.choice(len(items_aug), size, replace=False)]
-    index.cp.seed = config.seed
-    index.cp.niter = config.ivf_kmeans_iterations
-    index.train(sample)
-    index.add(items_aug)
-    return index, f"nlist={nlist}"
+    topk_config = TopKConfig(
+        kind="ivf",
+        nlist=_pow2(len(items) / config.ivf_points_per_list),
+        nprobe=1,  # tuned by measure_index
+        min_items=0,
+        train_points_per_list=config.ivf_train_points_per_list,
+        kmeans_iterations=config.ivf_kmeans_iterations,
+        seed=config.seed,
+    )
+    topk = IvfTopK(items, topk_config, first_row=0)
+    return topk, f"service.topk.IvfTopK,nlist={topk.nlist}"
 
 
-def build_hnsw(items_aug: np.ndarray, config: ScaleConfig, rng: np.random.Generator):
+def build_hnsw(items_aug: np.ndarray, config: ScaleConfig):
     import faiss
 
     index = faiss.IndexHNSWFlat(items_aug.shape[1], config.hnsw_m, faiss.METRIC_L2)
@@ -264,11 +271,34 @@ def build_hnsw(items_aug: np.ndarray, config: ScaleConfig, rng: np.random.Genera
     return index, f"M={config.hnsw_m},efConstruction={config.hnsw_ef_construction}"
 
 
-def _set_search_param(index, name: str, value: int) -> None:
-    if name == "nprobe":
-        index.nprobe = value
-    else:
-        index.hnsw.efSearch = value
+class _Searcher:
+    """One method's search, as measure_index drives it: `one(q)` answers one query (the timed call),
+    `many(Q)` a batch (tuning), `set(value)` the search parameter, `index` the Faiss index."""
+
+    def __init__(self, method: str, index, k: int) -> None:
+        self.method, self.index, self.k = method, index, k
+
+    def set(self, value: int) -> None:
+        if self.method == "ivf":
+            self.index.nprobe = value  # IvfTopK: the nprobe of every later search
+        else:
+            self.index.hnsw.efSearch = value
+
+    def one(self, q: np.ndarray) -> np.ndarray:
+        if self.method == "ivf":  # the service's call: raw query, over-fetch and filter included
+            ids, _ = self.index.search(q, self.k)
+            out = np.full(self.k, -1, np.int64)
+            out[: len(ids)] = ids
+            return out
+        return self.index.search(q[None, :], self.k)[1][0]
+
+    def many(self, queries: np.ndarray) -> np.ndarray:
+        if self.method == "ivf":
+            return np.stack([self.one(q) for q in queries])
+        return self.index.search(queries, self.k)[1]
+
+    def faiss_index(self):
+        return self.index.index if self.method == "ivf" else self.index
 
 
 @dataclass
@@ -296,35 +326,38 @@ def measure_index(
     config: ScaleConfig,
     build_s: float,
 ) -> MethodResult:
-    """Tune the search parameter on the tuning queries (batched), then measure on the test queries
-    one at a time on one thread."""
+    """Tune the search parameter on the tuning queries, then measure on the test queries one at a
+    time on one thread. `ivf`: `index` is the service's IvfTopK, queries raw; `hnsw`: a Faiss index,
+    queries MIPS-augmented."""
     import faiss
 
+    searcher = _Searcher(method, index, config.k)
     tune_q, tune_truth = tune
     chosen = grid[-1]
     faiss.omp_set_num_threads(config.build_threads)
     for value in grid:
         if param_name == "efSearch" and value < config.k:
             continue
-        _set_search_param(index, param_name, value)
-        _, found = index.search(tune_q, config.k)
-        if recall_at_k(found, tune_truth) >= min(config.recall_target + config.tune_margin, 1.0):
+        searcher.set(value)
+        if recall_at_k(searcher.many(tune_q), tune_truth) >= min(
+            config.recall_target + config.tune_margin, 1.0
+        ):
             chosen = value
             break
-    _set_search_param(index, param_name, chosen)
-    data = faiss.serialize_index(index)
+    searcher.set(chosen)
+    data = faiss.serialize_index(searcher.faiss_index())
     start = time.perf_counter()
     faiss.deserialize_index(data)
     load_s = time.perf_counter() - start
 
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(1)  # as the service runs it
     test_q, test_truth = test
     timer, found = Timer(), np.empty((len(test_q), config.k), np.int64)
     with raised_priority(config.timing_nice):
         for i in range(len(test_q)):
             with timer:
-                _, ids = index.search(test_q[i : i + 1], config.k)
-            found[i] = ids[0]
+                ids = searcher.one(test_q[i])
+            found[i] = ids
     return MethodResult(
         method,
         f"{params},{param_name}={chosen}",
@@ -402,23 +435,28 @@ def run_scale(config: ScaleConfig, bundle_path: Path | None) -> dict[str, float 
             )
         )  # fmt: skip
 
-        items_aug = mips_items(items)
-        test = (mips_queries(test_q), test_truth)
-        tune_aug = (mips_queries(tune[0]), tune[1])
-        builders = [("ivf", build_ivf, "nprobe", config.ivf_nprobe_grid)]
+        builders = [("ivf", "nprobe", config.ivf_nprobe_grid)]
         if n in config.hnsw_sizes:
-            builders.append(("hnsw", build_hnsw, "efSearch", config.hnsw_ef_grid))
-        for method, build, param_name, grid in builders:
+            builders.append(("hnsw", "efSearch", config.hnsw_ef_grid))
+        for method, param_name, grid in builders:
             faiss.omp_set_num_threads(config.build_threads)
             start = time.perf_counter()
-            index, params = build(items_aug, config, rng)
+            if method == "ivf":  # the service's class: raw rows and queries
+                index, params = build_ivf(items, config)
+                tune_m, test_m = tune, (test_q, test_truth)
+            else:  # a Faiss index over the MIPS-augmented rows
+                items_aug = mips_items(items)
+                index, params = build_hnsw(items_aug, config)
+                del items_aug
+                tune_m = (mips_queries(tune[0]), tune[1])
+                test_m = (mips_queries(test_q), test_truth)
             build_s = time.perf_counter() - start
             _log(f"{tag} {method}: built in {build_s:.1f} s ({params})")
             results.append(
-                measure_index(method, index, params, param_name, grid, tune_aug, test, config, build_s)
+                measure_index(method, index, params, param_name, grid, tune_m, test_m, config, build_s)
             )
             del index
-        del items_aug, items
+        del items
 
         for r in results:
             prefix = f"scale_{tag}_{r.method}"

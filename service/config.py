@@ -11,15 +11,23 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.topk import TopKConfig
+
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_nested_delimiter="__")
 
     # --- what is served -------------------------------------------------------------------------
     bundle: Path | None = Field(None, alias="MML_BUNDLE")
     """Default bundle directory: serves the default arm and every arm whose config names no bundle."""
     arms_config: Path | None = Field(None, alias="MML_ARMS_CONFIG")
     """A/B arms (YAML or JSON, see service/ab.py). Unset: one arm `mml`, weight 1, the default bundle."""
+
+    # --- top-k stage -----------------------------------------------------------------------------
+    topk: TopKConfig = Field(default_factory=TopKConfig, alias="MML_TOPK")
+    """How /recall selects the k best items (service/topk.py, fields documented there): exact by
+    default; `MML_TOPK__KIND=ivf` serves catalogues of at least `MML_TOPK__MIN_ITEMS` (50000) items
+    from a Faiss IVF index (`MML_TOPK__NPROBE`, `MML_TOPK__NLIST`, ...), or `MML_TOPK` as JSON."""
 
     # --- state ----------------------------------------------------------------------------------
     redis_url: str | None = Field(None, alias="REDIS_URL")

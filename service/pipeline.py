@@ -5,6 +5,9 @@
     right-padded sequence -> recall.onnx -> query (3d) + bias                  (model)
     fused scores = [catalogue ; new items] @ query + bias, exclusions, top-k   (topk)
 
+The topk stage is `service.topk`: exact by default, or a Faiss IVF index (`TopKConfig`, settings
+`MML_TOPK__*`) for large catalogues.
+
 An empty or all-unknown history gets the popularity ranking, flagged `fallback`. Registered new
 items are candidates like catalogue items (their rows come from the generator and item_tower.onnx).
 `PopularityPipeline` is the `popularity` arm kind (a control arm): the bundle's popularity ranking.
@@ -20,6 +23,9 @@ import numpy as np
 
 from service.items import NewItemTable, TableSnapshot
 from service.runtime import Runtime
+from service.topk import ExactTopK, IvfTopK, TopKConfig, top_k, topk_for
+
+__all__ = ["PopularityPipeline", "RecallPipeline", "RecallResult", "top_k"]
 
 
 @dataclass
@@ -31,20 +37,6 @@ class RecallResult:
     fallback: bool = False
     degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest finite scores, best first (argpartition, then a sort of k)."""
-    finite = int(np.isfinite(scores).sum())
-    k = min(k, finite)
-    if k == 0:
-        return np.zeros(0, np.int64)
-    if k < len(scores):
-        part = np.argpartition(-scores, k - 1)[:k]
-    else:
-        part = np.arange(len(scores))
-    order = np.argsort(-scores[part], kind="stable")
-    return part[order][:k]
 
 
 class PopularityPipeline:
@@ -92,11 +84,13 @@ class RecallPipeline:
 
     kind = "mml"
 
-    def __init__(self, runtime: Runtime, new_items: NewItemTable) -> None:
+    def __init__(self, runtime: Runtime, new_items: NewItemTable, topk: TopKConfig | None = None) -> None:
         self.runtime = runtime
         self.new_items = new_items
         self.model_version = runtime.model_version
         self.popularity = PopularityPipeline(runtime)
+        # the topk stage (service/topk.py): exact by default; an IVF index is built once per runtime
+        self.topk: ExactTopK | IvfTopK = topk_for(runtime, topk or TopKConfig())
 
     def prepare(self) -> None:
         """Warm up every registered new item before the pipeline serves (startup and reload)."""
@@ -146,22 +140,8 @@ class RecallPipeline:
         t3 = time.perf_counter()
         timings["model"] = t3 - t2
 
-        # topk: fused scores over catalogue + new items, exclusions, argpartition
-        scores = np.empty(len(rt.items_concat) + len(table), np.float32)
-        np.matmul(rt.items_concat, q, out=scores[: len(rt.items_concat)])
-        if len(table):
-            np.matmul(table.concat, q, out=scores[len(rt.items_concat) :])
-        scores += bias
-        scores[0] = -np.inf  # padding row
-        scores[excluded_rows] = -np.inf
-        scores[[len(rt.items_concat) + p for p in excluded_new]] = -np.inf
-        best = top_k(scores, k)
-        n_cat = len(rt.items_concat)
-        ids = rt.item_id_list
-        items = [
-            (ids[i] if i < n_cat else table.ids[i - n_cat], s)
-            for i, s in zip(best.tolist(), scores[best].tolist(), strict=True)
-        ]
+        # topk: fused scores over catalogue + new items, exclusions, the k best (exact or IVF)
+        items = self.topk(q, bias, k, excluded_rows, excluded_new, table)
         timings["topk"] = time.perf_counter() - t3
         return RecallResult(self.model_version, items, warmed, ignored, degraded=degraded, timings=timings)
 

@@ -1,0 +1,281 @@
+"""The `topk` stage of /recall: the k best items by fused score, exact or through a Faiss IVF index.
+
+    score(item) = items_concat[item] . query + bias        (bias: one constant per request)
+
+`ExactTopK` scores every row (the catalogue, then the registered new items) and selects with
+`top_k`: O(items x 3d) per request, exact. `IvfTopK` answers the same question from a Faiss
+IVF-Flat index with `METRIC_INNER_PRODUCT`: the query is compared with `nlist` list centroids and
+only the `nprobe` nearest lists are scored. `make_topk` picks one from a `TopKConfig`
+(`MML_TOPK__*` settings, docs/service.md); below `min_items` catalogue items it is always exact.
+
+**The index.** Rows 1..N of the runtime's item matrix (row 0 is the pad), index id = row. Each row x
+is stored MIPS-augmented as [x, sqrt(R^2 - |x|^2)], R the largest catalogue row norm, and a query q
+as [q, 0] (Bachrach et al., 2014): the inner product is unchanged, so the index returns exact fused
+scores (minus the bias) for what it finds, while every catalogue row lies on one sphere of radius R,
+where L2 k-means lists are also inner-product neighbourhoods. The coarse quantizer is therefore
+L2 (k-means on a random sample of `train_points_per_list` x nlist rows, assignment of rows and
+probing of queries by L2 to the centroids); the lists are scanned by inner product. On these vectors
+this probes better than an inner-product quantizer (loadtest/scale.py measures recall@100).
+
+**Registered new items** (service/items.py) are added to the same index, with ids after the
+catalogue's, when a request first brings a table snapshot that holds them; a re-registered item
+(new revision, new row) replaces its old entry, an item gone from the snapshot is removed. Rows
+longer than R get a zero extra coordinate: their scores stay exact, only their list is a little less
+apt. Updates and searches hold one lock (Faiss does not search while its lists change); a search
+is one query on one thread (`faiss.omp_set_num_threads(1)` on the request's thread: OpenMP keeps
+that count per thread, and `Runtime.load` sets it only on the thread that loads). The build runs
+with the loading thread's count: one in the service.
+
+**Exclusions** (history, exclude_ids, the pad) are over-fetched: the index is asked for
+k + |excluded| hits, excluded ones are dropped; if that leaves fewer than k, the search is repeated
+with twice as many hits, or twice as many lists when the probed lists ran out (up to all of them).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Collection, Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+POINTS_PER_LIST = 1000  # automatic nlist: catalogue items / this, as loadtest/scale.py measured it
+
+
+class TopKConfig(BaseModel):
+    """How the `topk` stage selects the k best items (environment: `MML_TOPK__<FIELD>`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["exact", "ivf"] = "exact"
+    """`exact`: score every item (numpy matmul + argpartition). `ivf`: a Faiss IVF-Flat index,
+    approximate (recall@100 0.96-0.97 against exact at 1M items with nprobe tuned per bundle)."""
+    nlist: int | None = Field(None, ge=1)
+    """Lists (k-means cells) of the IVF index. Unset: catalogue items / 1000 rounded to a power of
+    two (1024 at 1M items, the setting loadtest/scale.py measured); never more than the items."""
+    nprobe: int = Field(32, ge=1)
+    """Lists scanned per query: recall against latency. 32 of 1024 lists gave recall@100 0.96 at
+    1M items in loadtest/scale.py on an earlier bundle (about 1.5 ms per query on one core); the
+    current quick bundle needs 128 (6.6 ms). Tune it per model (docs/operations.md section 2)."""
+    min_items: int = Field(50_000, ge=0)
+    """Catalogues smaller than this stay exact even with kind `ivf` (exact costs about 0.07 ms of CPU
+    per 1,000 items per request: ML-1M's 3,883 items are cheaper exact than probed)."""
+    train_points_per_list: int = Field(40, ge=39)
+    """k-means sample of the index build: nlist x this many catalogue rows, drawn at random (Faiss
+    warns below 39 per list)."""
+    kmeans_iterations: int = Field(10, ge=1)
+    """k-means iterations of the build (Faiss' default is 25; the coarse lists need no more)."""
+    seed: int = 0
+    """Seed of the training sample and of k-means: the same bundle builds the same index."""
+
+    @model_validator(mode="after")
+    def _nprobe_within_nlist(self) -> TopKConfig:
+        if self.nlist is not None and self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
+        return self
+
+    def lists_for(self, n_items: int) -> int:
+        """nlist for a catalogue of n_items."""
+        if self.nlist is not None:
+            return max(1, min(self.nlist, n_items))
+        auto = int(2 ** max(0, round(np.log2(max(n_items / POINTS_PER_LIST, 1.0)))))
+        return max(1, min(auto, n_items))
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest finite scores, best first (argpartition, then a sort of k)."""
+    finite = int(np.isfinite(scores).sum())
+    k = min(k, finite)
+    if k == 0:
+        return np.zeros(0, np.int64)
+    if k < len(scores):
+        part = np.argpartition(-scores, k - 1)[:k]
+    else:
+        part = np.arange(len(scores))
+    order = np.argsort(-scores[part], kind="stable")
+    return part[order][:k]
+
+
+class ExactTopK:
+    """Every catalogue row and new item scored, exclusions set to -inf, `top_k`."""
+
+    kind = "exact"
+
+    def __init__(self, items_concat: np.ndarray, item_ids: Sequence[str]) -> None:
+        self.items = items_concat
+        self.ids = item_ids
+
+    def __call__(
+        self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table
+    ) -> list[tuple[str, float]]:
+        """(item_id, fused score) of the k best, best first. `excluded_rows`: catalogue rows;
+        `excluded_new`: positions in `table` (a service.items.TableSnapshot)."""
+        items = self.items
+        scores = np.empty(len(items) + len(table), np.float32)
+        np.matmul(items, q, out=scores[: len(items)])
+        if len(table):
+            np.matmul(table.concat, q, out=scores[len(items) :])
+        scores += bias
+        scores[0] = -np.inf  # padding row
+        scores[excluded_rows] = -np.inf
+        scores[[len(items) + p for p in excluded_new]] = -np.inf
+        best = top_k(scores, k)
+        n_cat = len(items)
+        ids = self.ids
+        return [
+            (ids[i] if i < n_cat else table.ids[i - n_cat], s)
+            for i, s in zip(best.tolist(), scores[best].tolist(), strict=True)
+        ]
+
+
+class IvfTopK:
+    """A Faiss IVF-Flat index over the catalogue and the registered new items (module docstring)."""
+
+    kind = "ivf"
+
+    def __init__(
+        self,
+        items: np.ndarray,
+        config: TopKConfig,
+        item_ids: Sequence[str] | None = None,
+        first_row: int = 1,
+    ) -> None:
+        """Index rows first_row.. of `items` (the runtime's items_concat: row 0 is the pad), index
+        id = row. `item_ids[row]` names a row in answers. Builds with Faiss' current thread count."""
+        import faiss
+
+        self.faiss = faiss
+        self.config = config
+        self.ids = item_ids
+        rows = items[first_row:]
+        n = len(rows)
+        if n == 0:
+            raise ValueError("an IVF index needs at least one item")
+        self.dim = items.shape[1]
+        self.radius2 = float(np.einsum("ij,ij->i", rows, rows).max())  # R^2
+        self.nlist = config.lists_for(n)
+        quantizer = faiss.IndexFlatL2(self.dim + 1)
+        index = faiss.IndexIVFFlat(quantizer, self.dim + 1, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = config.seed
+        index.cp.niter = config.kmeans_iterations
+        rng = np.random.default_rng(config.seed)
+        size = min(n, self.nlist * config.train_points_per_list)
+        sample = np.sort(rng.choice(n, size, replace=False))
+        index.train(self._augment(rows[sample]))
+        chunk = 100_000  # bounds the augmented copy held at once
+        for start in range(0, n, chunk):
+            part = rows[start : start + chunk]
+            index.add_with_ids(
+                self._augment(part), np.arange(start, start + len(part), dtype=np.int64) + first_row
+            )
+        self.index = index
+        self.nprobe = min(config.nprobe, self.nlist)
+        self.catalogue_end = first_row + n  # ids below: catalogue rows; from here on: new items
+        self.next_id = self.catalogue_end
+        self._new: dict[str, tuple[int, str]] = {}  # item_id -> (index id, revision)
+        self._new_ids: dict[int, str] = {}  # index id -> item_id
+        self._table = None  # the table snapshot the index reflects
+        self._lock = threading.Lock()
+
+    def _augment(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        extra = np.sqrt(np.maximum(self.radius2 - np.einsum("ij,ij->i", x, x), 0.0)).astype(np.float32)
+        return np.ascontiguousarray(np.hstack([x, extra[:, None]]))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    # --- new items ------------------------------------------------------------------------------
+
+    def _sync(self, table) -> None:
+        """Make the index hold exactly the new items of this table snapshot (lock held)."""
+        if table is None or table is self._table:
+            return
+        stale = [i for i, (_, rev) in self._new.items() if table.revisions.get(i) != rev]
+        if stale:
+            gone = np.asarray([self._new[i][0] for i in stale], np.int64)
+            self.index.remove_ids(self.faiss.IDSelectorBatch(gone))
+            for i in stale:
+                self._new_ids.pop(self._new.pop(i)[0])
+        fresh = [i for i in table.ids if i not in self._new]
+        if fresh:
+            ids = np.arange(self.next_id, self.next_id + len(fresh), dtype=np.int64)
+            self.next_id += len(fresh)
+            self.index.add_with_ids(self._augment(table.concat[[table.index[i] for i in fresh]]), ids)
+            for item_id, index_id in zip(fresh, ids.tolist(), strict=True):
+                self._new[item_id] = (index_id, table.revisions[item_id])
+                self._new_ids[index_id] = item_id
+        self._table = table
+
+    # --- search ---------------------------------------------------------------------------------
+
+    def search(self, q: np.ndarray, k: int, excluded: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(index ids, inner products) of the k best not in `excluded`, best first: the index search
+        of one request (over-fetch, then filter; see the module docstring)."""
+        with self._lock:
+            return self._search(q, k, excluded)
+
+    def _search(self, q: np.ndarray, k: int, excluded: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+        query = np.zeros((1, self.dim + 1), np.float32)
+        query[0, : self.dim] = q
+        total = self.ntotal
+        fetch, nprobe = min(k + len(excluded), total), self.nprobe
+        excluded = excluded if isinstance(excluded, set | frozenset) else set(excluded)
+        while True:
+            params = self.faiss.SearchParametersIVF(nprobe=nprobe)
+            scores, ids = self.index.search(query, max(fetch, 1), params=params)
+            scores, ids = scores[0], ids[0]
+            keep = ids >= 0
+            exhausted = not keep.all()  # the probed lists held fewer than `fetch` items
+            if excluded:
+                keep &= np.fromiter((i not in excluded for i in ids.tolist()), bool, len(ids))
+            if keep.sum() >= k or (exhausted and nprobe >= self.nlist) or (not exhausted and fetch >= total):
+                return ids[keep][:k], scores[keep][:k]
+            if exhausted:
+                nprobe = min(2 * nprobe, self.nlist)
+            else:
+                fetch = min(2 * fetch, total)
+
+    def __call__(
+        self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table
+    ) -> list[tuple[str, float]]:
+        """What `ExactTopK.__call__` answers, approximately: same arguments, same shape."""
+        self.faiss.omp_set_num_threads(1)  # OpenMP's count is per calling thread: pin this one to 1
+        with self._lock:
+            self._sync(table)
+            excluded = set(excluded_rows)
+            excluded.update(self._new[table.ids[p]][0] for p in excluded_new if table.ids[p] in self._new)
+            excluded.discard(0)  # the pad is not in the index
+            ids, scores = self._search(np.asarray(q, np.float32), k, excluded)
+            end, names, new_names = self.catalogue_end, self.ids, self._new_ids
+            scores = scores + np.float32(bias)
+            return [
+                (names[i] if i < end else new_names[i], s)
+                for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+            ]
+
+
+def make_topk(config: TopKConfig, items_concat: np.ndarray, item_ids: Sequence[str]) -> ExactTopK | IvfTopK:
+    """The top-k stage `config` asks for over this item matrix (row 0: the pad): exact for kind
+    `exact` or a catalogue under `min_items`, else a freshly built IVF index."""
+    if config.kind == "exact" or len(items_concat) - 1 < config.min_items:
+        return ExactTopK(items_concat, item_ids)
+    return IvfTopK(items_concat, config, item_ids)
+
+
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {config: top-k stage}
+_BUILT_LOCK = threading.Lock()
+
+
+def topk_for(runtime, config: TopKConfig) -> ExactTopK | IvfTopK:
+    """The top-k stage of a loaded runtime (service/runtime.py) for `config`, built once and shared
+    by every arm of that bundle (their new-item table is shared too), kept across reloads that keep
+    the runtime and dropped with it."""
+    with _BUILT_LOCK:
+        built = _BUILT.setdefault(runtime, {})
+        if config not in built:
+            built[config] = make_topk(config, runtime.items_concat, runtime.item_id_list)
+        return built[config]
