@@ -41,7 +41,9 @@ TORCH_DIR = "torch"  # state_dict + model config for warm-up with gradients (nee
 TORCH_STATE = f"{TORCH_DIR}/state_dict.pt"
 TORCH_CONFIG = f"{TORCH_DIR}/model.json"
 
-# role -> (input names, output names). Shapes (B = batch, dynamic; L = dims.max_len, fixed):
+# role -> (input names, output names). Shapes (B = batch, dynamic; L = sequence length, axis 1 of
+# every input of the SEQUENCE_ROLES and of their "hidden" output: dynamic ("length", 1..max_len) in
+# bundles exported since the dynamic-length graphs, fixed at dims.max_len in older ones; both load):
 #   item_emb (B,L,d) f32, text (B,L,text_dim) f32, image (B,L,image_dim) f32, image_mask (B,L) bool,
 #   valid (B,L) bool right-padded; hidden* (B,L,d); weights (B,3) in the order id, text, image;
 #   query (B,3d) and bias (B,): fused score of item i = items_concat[i] . query + bias.
@@ -60,6 +62,8 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "item_tower": (("text", "image", "image_mask"), ("text_vec", "image_vec")),
 }
 GRAPH_FILES = {role: f"graphs/{role}.onnx" for role in GRAPH_IO}
+SEQUENCE_ROLES = ("learner_id", "learner_text", "learner_image", "fusion", "recall")
+LENGTH_AXIS = "length"  # the symbolic name of axis 1 in a dynamic-length sequence graph
 
 # tables/items.npz, one row per catalogue row (row = item_idx, row 0 = pad)
 TABLE_COLUMNS = (
@@ -119,6 +123,15 @@ class LoadedBundle:
             raise MMLError(f"bundle {self.root} has no graph '{role}' (has {sorted(self.sessions)})")
         outputs = GRAPH_IO[role][1]
         return dict(zip(outputs, self.sessions[role].run(list(outputs), feeds), strict=True))
+
+    def sequence_length(self, role: str) -> int | None:
+        """Axis 1 of a sequence graph's inputs: None when dynamic (any length 1..max_len; pad to a
+        short length, the graph pads to max_len inside), max_len for a fixed-length (older) graph."""
+        if role not in SEQUENCE_ROLES:
+            raise MMLError(f"graph '{role}' takes no sequences")
+        if role not in self.sessions:
+            raise MMLError(f"bundle {self.root} has no graph '{role}' open (has {sorted(self.sessions)})")
+        return _sequence_length(self.sessions[role].get_inputs()[0].shape)
 
     def histories(self, rows: list[list[int]] | list[np.ndarray]) -> dict[str, np.ndarray]:
         """Catalogue-row histories (oldest first) -> right-padded learner inputs (B, L, ...). A
@@ -245,7 +258,20 @@ def _session(root: Path, manifest: Manifest, role: str, threads: int):
             f"{root}/{rel}: graph '{role}' has inputs {list(got_in)} and outputs {list(got_out)}, "
             f"the contract says {list(inputs)} -> {list(outputs)}"
         )
+    if role in SEQUENCE_ROLES:
+        lengths = {str(_sequence_length(i.shape)) for i in session.get_inputs()}
+        if lengths not in ({"None"}, {str(manifest.dims.max_len)}):
+            raise BundleError(
+                f"{root}/{rel}: graph '{role}' has sequence lengths {sorted(lengths)} on axis 1, the "
+                f"contract says '{LENGTH_AXIS}' (dynamic) or max_len={manifest.dims.max_len} on every input"
+            )
     return session
+
+
+def _sequence_length(shape: list) -> int | None:
+    """Axis 1 of an ONNX Runtime input shape: an int when fixed, None when symbolic or unnamed."""
+    length = shape[1] if len(shape) > 1 else -1
+    return length if isinstance(length, int) else None
 
 
 def load_bundle(

@@ -7,6 +7,13 @@ needs on top (popularity order, the encoders' fingerprint), then runs one warm-u
 every graph it will use, so a Runtime that exists is ready to answer. Runtimes are read-only once
 loaded and shared by every request (ONNX Runtime sessions are thread-safe); a reload builds a new
 one and swaps it in.
+
+Sequence length: bundles exported with a dynamic length axis (mml.bundle_loader.LENGTH_AXIS) take
+any length 1..max_len and pad to max_len inside the graph, with the same outputs; a history of n
+items is padded to the smallest bucket >= n (LENGTH_BUCKET: multiples of 8, and max_len), so a
+new user's few clicks cost a few positions, not max_len. Each bucket is run once in `warm_up`
+(ONNX Runtime plans memory per input shape on first use). Older bundles (axis 1 fixed at max_len)
+are padded to max_len as before.
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ from mml.errors import BundleError
 
 SERVING_GRAPHS = ("recall", "generator", "item_tower")  # the fast path
 SPLIT_GRAPHS = ("learner_id", "learner_text", "learner_image", "fusion", "generator", "item_tower")
+LENGTH_BUCKET = 8  # dynamic-length graphs: histories are padded to a multiple of this (or max_len)
+
+
+def length_buckets(max_len: int, dynamic: bool, step: int = LENGTH_BUCKET) -> tuple[int, ...]:
+    """The padded lengths a Runtime feeds: multiples of `step` below max_len, then max_len; only
+    max_len for a fixed-length graph."""
+    if not dynamic:
+        return (max_len,)
+    return (*range(step, max_len, step), max_len)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,11 @@ class Runtime:
         self.row_of = bundle.row_of
         self.popular_rows = (np.argsort(-self.popularity[1:], kind="stable") + 1).astype(np.int64)
         self.fused = "recall" in bundle.sessions
+        sequence_roles = (
+            ("recall",) if self.fused else ("learner_id", "learner_text", "learner_image", "fusion")
+        )
+        dynamic = all(bundle.sequence_length(role) is None for role in sequence_roles)
+        self.length_buckets = length_buckets(self.dims.max_len, dynamic)
         self.encoders_dir = bundle.encoders_dir
         self.encoder_fingerprint = self._fingerprint(ENCODERS_DIR + "/")
         self._encoders = None
@@ -97,11 +118,16 @@ class Runtime:
         return digest.hexdigest()[:16]
 
     def warm_up(self) -> None:
-        """One inference through every graph (first-run allocations happen here, not in a request)."""
+        """One inference through every graph, and through the sequence graphs at every length bucket
+        (first-run allocations and shape planning happen here, not in a request)."""
         rows = self.popular_rows[: min(3, len(self.popular_rows))]
-        self.query(
-            self.sequence_inputs(self.id_emb[rows], self.text[rows], self.image[rows], self.image_mask[rows])
-        )
+        for length in self.length_buckets:
+            history = np.resize(rows, length)  # the popular rows repeated to the bucket length
+            self.query(
+                self.sequence_inputs(
+                    self.id_emb[history], self.text[history], self.image[history], self.image_mask[history]
+                )
+            )
         self.generate(self.text[rows], self.image[rows], self.image_mask[rows])
         self.project(self.text[rows], self.image[rows], self.image_mask[rows])
 
@@ -110,11 +136,13 @@ class Runtime:
     def sequence_inputs(
         self, item_emb: np.ndarray, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray
     ) -> SequenceInputs:
-        """One history (n items, oldest first, n <= max_len) -> right-padded inputs of batch 1."""
+        """One history (n items, oldest first, n <= max_len) -> right-padded inputs of batch 1, of
+        the padded length `padded_length(n)`."""
         dims = self.dims
-        n, length = len(item_emb), dims.max_len
-        if not 0 < n <= length:
-            raise ValueError(f"history length {n} outside 1..{length}")
+        n = len(item_emb)
+        if not 0 < n <= dims.max_len:
+            raise ValueError(f"history length {n} outside 1..{dims.max_len}")
+        length = self.padded_length(n)
         x = SequenceInputs(
             item_emb=np.zeros((1, length, dims.d), np.float32),
             text=np.zeros((1, length, dims.text_dim), np.float32),
@@ -128,6 +156,13 @@ class Runtime:
         x.image_mask[0, :n] = image_mask
         x.valid[0, :n] = True
         return x
+
+    def padded_length(self, n: int) -> int:
+        """The smallest length bucket that holds n items (max_len for a fixed-length bundle)."""
+        for length in self.length_buckets:
+            if n <= length:
+                return length
+        raise ValueError(f"history length {n} outside 1..{self.dims.max_len}")
 
     def query(self, x: SequenceInputs) -> tuple[np.ndarray, np.ndarray]:
         """Histories -> (query (B, 3d), bias (B,)) of the fused score: recall.onnx, or the three

@@ -1,22 +1,30 @@
 """The exported ONNX graphs against the eager model, on a small synthetic catalogue: every role, any
 batch size, short / full / all-pad rows, new items, items without a poster; the fused scores of
-the bundle (items_concat @ query + bias) against `MML.scores`."""
+the bundle (items_concat @ query + bias) against `MML.scores`; the dynamic length axis as the
+service feeds it (length buckets) against eager, against max_len padding and against a bundle of
+the older fixed-length format."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
-from mml.bundle_loader import GRAPH_FILES, GRAPH_IO, LoadedBundle, load_bundle
+from mml.bundle import read_manifest, write_manifest
+from mml.bundle_loader import GRAPH_FILES, GRAPH_IO, SEQUENCE_ROLES, LoadedBundle, load_bundle
+from mml.errors import BundleError
 from model.config import ModelConfig
-from model.mml import MML
+from model.fusion import closed_form
+from model.learners import last_hidden
+from model.mml import LEARNERS, MML
+from service.runtime import SPLIT_GRAPHS, Runtime
 from training.export import export_model
-from training.export.onnx_graphs import OPSET, graph_modules, run_torch
+from training.export.onnx_graphs import OPSET, example_inputs, export_graph, graph_modules, run_torch
 from training.export.tables import fusion_moments, item_vectors, popularity_counts, serving_model
 from training.synthetic import synthetic
 
@@ -180,15 +188,138 @@ def test_generator_and_item_tower_rebuild_the_tables(exported) -> None:
                                                        tower["image_vec"][no_poster].shape), atol=1e-6)  # fmt: skip
 
 
-def test_graphs_take_any_batch_size_but_only_max_len(exported) -> None:
+def test_graphs_take_any_batch_size_and_any_length_up_to_max_len(exported) -> None:
     model, bundle, split = exported
     for batch in (1, 5):
         rows = [[int(i) for i in split.old_seqs[b][:4]] for b in range(batch)]
         out = bundle.run("recall", **bundle.histories(rows))
         assert out["query"].shape == (batch, 3 * model.cfg.d) and out["bias"].shape == (batch,)
-    wrong = {k: v[:, :-1] for k, v in bundle.histories([[1, 2]]).items()}
-    with pytest.raises(InvalidArgument, match="(?i)dimension"):
-        bundle.run("recall", **wrong)
+        short = bundle.run("recall", **{k: v[:, :4] for k, v in bundle.histories(rows).items()})
+        np.testing.assert_allclose(short["query"], out["query"], atol=1e-5, rtol=0)
+    for role in SEQUENCE_ROLES:
+        assert bundle.sequence_length(role) is None, role  # dynamic
+        graph = onnx.load(str(bundle.root / GRAPH_FILES[role]), load_external_data=False)
+        assert all(i.type.tensor_type.shape.dim[1].dim_param == "length" for i in graph.graph.input), role
+    full = bundle.histories([[1, 2]])
+    longer = {k: np.concatenate([v, v[:, :1]], axis=1) for k, v in full.items()}  # max_len + 1
+    for wrong in (longer, {**full, "valid": full["valid"][:, :-1]}):  # too long; lengths that differ
+        with pytest.raises((Fail, InvalidArgument), match="(?i)broadcast"):
+            bundle.run("recall", **wrong)
+
+
+# --- dynamic length as served: buckets vs eager vs max_len padding vs the fixed-length format ------
+
+LONG = ModelConfig(
+    d=8, n_heads=2, d_ffn=16, max_len=50, text_dim=12, image_dim=20, n_neighbours=3, feature_sim_dim=4,
+    fusion_hidden=8,
+)  # fmt: skip
+SERVED_LENGTHS = {1: 8, 7: 8, 8: 8, 9: 16, 33: 40, 50: 50}  # history length -> padded (bucket) length
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> tuple[MML, Runtime, Runtime]:
+    """A max_len=50 model exported as usual (dynamic length) and the same bundle with the sequence
+    graphs re-exported at a fixed length max_len (the format of older bundles)."""
+    torch.manual_seed(1)
+    torch.set_num_threads(1)
+    split, features = synthetic(n_items=80, n_old_items=64, text_dim=12, image_dim=20, missing_posters=6)
+    model = MML(LONG, split.n_old_items, features.text, features.image, features.image_mask)
+    with torch.no_grad():
+        model.fusion.score_weight.copy_(torch.tensor([1.5, 0.7, 2.0]))
+        model.fusion.score_bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        model.fusion.attend.weight.normal_(0.0, 1.0)
+        for block in model.id_learner.encoder.blocks:  # position-dependent pair weights
+            block.attention.w_text.normal_(0.0, 1.0)
+            block.attention.w_image.normal_(0.0, 1.0)
+    root = tmp_path_factory.mktemp("served")
+    export_model(
+        model, root / "dynamic", item_ids=features.item_id,
+        popularity=popularity_counts(split.old_seqs, split.n_items),
+    )  # fmt: skip
+    model = serving_model(model)
+    fixed = root / "fixed"
+    shutil.copytree(root / "dynamic", fixed)
+    modules, examples = graph_modules(model, *fusion_moments(item_vectors(model))), example_inputs(model)
+    for role in SEQUENCE_ROLES:
+        export_graph(modules[role], role, examples[role], fixed / GRAPH_FILES[role], "", dynamic_length=False)
+    write_manifest(fixed, read_manifest(fixed))
+    return model, Runtime.load(root / "dynamic"), Runtime.load(fixed)
+
+
+def _eager_query(model: MML, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """query, bias of one history padded to max_len, with the model's own code (not the graphs')."""
+    seq = _sequences([rows], model.cfg.max_len)
+    with torch.no_grad():
+        hidden = model.hidden(seq)
+        weights = model.fusion.weights(hidden["id"], hidden["text"], hidden["image"], seq > 0)
+        users = [last_hidden(hidden[name], seq > 0) for name in LEARNERS]
+        means, covs = (m.to(torch.float32) for m in fusion_moments(item_vectors(model)))  # as exported
+        query, bias = closed_form(model.fusion, users, weights, list(zip(means, covs, strict=True)))
+    return query.numpy(), bias.numpy()
+
+
+def _served_inputs(runtime: Runtime, rows: list[int]):
+    t = runtime.bundle.tables
+    return runtime.sequence_inputs(
+        t["id_emb"][rows], t["text"][rows], t["image"][rows], t["image_mask"][rows]
+    )
+
+
+@pytest.mark.parametrize("n", sorted(SERVED_LENGTHS))
+def test_served_dynamic_length_equals_eager_and_max_len_padding(served, n: int) -> None:
+    model, dynamic, fixed = served
+    assert dynamic.length_buckets == (8, 16, 24, 32, 40, 48, 50) and fixed.length_buckets == (50,)
+    rows = [int(r) for r in np.random.default_rng(n).permutation(np.arange(1, model.n_items + 1))[:n]]
+    assert not model.image_mask[rows].all() or n < 9  # longer histories include items without a poster
+    x = _served_inputs(dynamic, rows)
+    assert x.valid.shape == (1, SERVED_LENGTHS[n]) and x.valid.sum() == n
+    query, bias = dynamic.query(x)
+    expected_query, expected_bias = _eager_query(model, rows)
+    np.testing.assert_allclose(query, expected_query, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(bias, expected_bias, atol=1e-5, rtol=0)
+    padded = dynamic.bundle.run("recall", **dynamic.bundle.histories([rows]))  # the same graph at max_len
+    x_fixed = _served_inputs(fixed, rows)
+    assert x_fixed.valid.shape == (1, model.cfg.max_len)
+    fixed_query, fixed_bias = fixed.query(x_fixed)  # a fixed-length graph, padded to max_len
+    for other_query, other_bias in ((padded["query"], padded["bias"]), (fixed_query, fixed_bias)):
+        np.testing.assert_allclose(query, other_query, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(bias, other_bias, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        scores, _ = model.scores(_sequences([rows], model.cfg.max_len))
+    got = dynamic.bundle.scores(query[0], bias[0])
+    np.testing.assert_allclose(got[1:], scores[0, 1:].numpy(), atol=ATOL, rtol=0)
+
+
+def test_split_graphs_serve_the_same_buckets(served) -> None:
+    """A runtime on the four split graphs (a bundle without recall.onnx) pads to the same buckets and
+    gives the recall graph's outputs."""
+    model, dynamic, _ = served
+    split_runtime = Runtime(load_bundle(dynamic.path, roles=SPLIT_GRAPHS))
+    assert not split_runtime.fused and split_runtime.length_buckets == dynamic.length_buckets
+    split_runtime.warm_up()
+    for n in (9, 33):
+        rows = list(range(model.n_items - n + 1, model.n_items + 1))  # ends with the new items
+        x = _served_inputs(split_runtime, rows)
+        assert x.valid.shape == (1, SERVED_LENGTHS[n])
+        for got, expected in zip(split_runtime.query(x), dynamic.query(x), strict=True):
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_fixed_length_bundle_serves_and_a_wrong_length_is_refused(served, tmp_path: Path) -> None:
+    model, dynamic, fixed = served
+    every_graph = load_bundle(fixed.path)
+    for role in SEQUENCE_ROLES:
+        assert every_graph.sequence_length(role) == model.cfg.max_len, role
+    with pytest.raises(ValueError, match="history length 51"):
+        dynamic.sequence_inputs(*(np.zeros((51, k)) for k in (8, 12, 20)), np.zeros(51, bool))
+    wrong = tmp_path / "wrong"
+    shutil.copytree(fixed.path, wrong)
+    modules = graph_modules(model, *fusion_moments(item_vectors(model)))
+    short = {k: v[:, :-1] for k, v in example_inputs(model)["recall"].items()}
+    export_graph(modules["recall"], "recall", short, wrong / GRAPH_FILES["recall"], "", dynamic_length=False)
+    write_manifest(wrong, read_manifest(wrong))
+    with pytest.raises(BundleError, match="graph 'recall' has sequence lengths"):
+        load_bundle(wrong)
 
 
 def test_export_leaves_the_callers_model_untouched(tmp_path: Path) -> None:

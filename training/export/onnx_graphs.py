@@ -2,10 +2,18 @@
 exported with the TorchScript-based exporter (`dynamo=False`: the dynamo exporter needs onnxscript,
 which the project does not install), opset 17, a dynamic batch axis, no external data.
 
-Sequences have a FIXED length L = max_len (right-padded, `valid` marks real positions): the ID
-learner's position-pair weights W_te, W_im and the fusion's flatten(F^L) are sized by max_len, and a
-fixed L lets ONNX Runtime plan the graph once. A row with no valid position gives finite numbers
-(the attention mask is a large finite negative, model/attention.py), never NaN.
+Sequences have a DYNAMIC length axis "length" (1 <= L <= max_len, right-padded, `valid` marks
+real positions) in the learner, fusion and recall graphs. The learners only read positions < L
+(position embedding `position.weight[:L]`, position-pair weights `w_text[:, :L, :L]`, the causal +
+key-padding mask), and pad keys get an exact zero attention weight, so the hidden states of the
+first L positions do not depend on how much padding follows; the fusion (model/fusion.py, Eq. 10)
+zeroes pad positions and right-pads its input to max_len inside the graph before flatten(F^L), so
+`weights`, `query`, `bias` are those of the same history padded to max_len. The service feeds a
+few length buckets instead of max_len (service/runtime.py): a history of 8 items costs 8 positions,
+not 50. `export_graph` checks this after each export by running the graph at shorter lengths
+against the eager module on the max_len-padded inputs. Bundles exported before this (axis 1 fixed
+at max_len) still load; the service pads them to max_len. A row with no valid position gives
+finite numbers (the attention mask is a large finite negative, model/attention.py), never NaN.
 
 Fusion in closed form (model/fusion.py): Eq. 9 normalises each learner's scores over the catalogue;
 with the catalogue's item mean mu_m and covariance C_m per learner baked into the graph as
@@ -23,9 +31,9 @@ import onnx
 import torch
 from torch import nn
 
-from mml.bundle_loader import GRAPH_IO
-from model.fusion import Fusion, closed_form
-from model.learners import IDLearner, ImageLearner, TextLearner, last_hidden
+from mml.bundle_loader import GRAPH_IO, LENGTH_AXIS, SEQUENCE_ROLES
+from model.fusion import N_LEARNERS, Fusion
+from model.learners import IDLearner, ImageLearner, TextLearner
 from model.mml import MML
 
 OPSET = 17
@@ -72,10 +80,33 @@ class FusionGraph(nn.Module):
 
     def forward(self, hidden_id, hidden_text, hidden_image, valid):
         weights = self.fusion.weights(hidden_id, hidden_text, hidden_image, valid)
-        users = [last_hidden(h, valid) for h in (hidden_id, hidden_text, hidden_image)]
-        moments = [(self.means[m], self.covs[m]) for m in range(len(users))]
-        query, bias = closed_form(self.fusion, users, weights, moments)
+        users = last_hidden_stacked(torch.stack([hidden_id, hidden_text, hidden_image], dim=1), valid)
+        query, bias = closed_form_stacked(self.fusion, users, weights, self.means, self.covs)
         return weights, query, bias
+
+
+def last_hidden_stacked(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`model.learners.last_hidden` of the three learners at once, as a one-hot sum over positions
+    (exact: one term is the value, the others are zeros): (B, 3, L, d), (B, L) -> (B, 3, d). The
+    gather + squeeze of last_hidden exports to a Shape/Expand/If chain per learner at a dynamic L."""
+    last = (valid.sum(dim=-1) - 1).clamp(min=0)  # (B,); position 0 for an all-pad row, as last_hidden
+    pick = torch.arange(valid.shape[-1], device=valid.device) == last.unsqueeze(-1)  # (B, L)
+    return (hidden * pick[:, None, :, None].to(hidden.dtype)).sum(dim=2)
+
+
+def closed_form_stacked(
+    fusion: Fusion, users: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.fusion.closed_form` with the three learners batched on one axis (a handful of graph
+    nodes instead of three copies): users (B, 3, d), weights (B, 3), means (3, d), covs (3, d, d) ->
+    query (B, 3d) [id | text | image], bias (B,). Same maths; float32 rounding differs by ~1e-7."""
+    mu = (users * means).sum(dim=-1)  # (B, 3)
+    spread = torch.matmul(users.transpose(0, 1), covs).transpose(0, 1)  # h_m^T C_m, (B, 3, d)
+    var = (spread * users).sum(dim=-1).clamp(min=0.0)
+    scale = weights * fusion.score_weight / torch.sqrt(var + fusion.cfg.ln_eps)  # (B, 3)
+    query = (scale.unsqueeze(-1) * users).reshape(-1, N_LEARNERS * fusion.cfg.d)
+    bias = (weights * fusion.score_bias - scale * mu).sum(dim=-1)
+    return query, bias
 
 
 class RecallGraph(nn.Module):
@@ -184,10 +215,18 @@ def example_inputs(model: MML, batch: int = 2) -> dict[str, dict[str, torch.Tens
     return {role: {name: inputs[role][name] for name in GRAPH_IO[role][0]} for role in GRAPH_IO}
 
 
-def export_graph(module: nn.Module, role: str, inputs: dict[str, torch.Tensor], path: Path, doc: str) -> None:
-    """Export one role to `path` (a single self-contained .onnx file) and run the ONNX checker."""
+def export_graph(
+    module: nn.Module,
+    role: str,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    doc: str,
+    dynamic_length: bool = True,
+) -> None:
+    """Export one role to `path` (a single self-contained .onnx file), run the ONNX checker and, for a
+    sequence role, `check_length_axis`. `dynamic_length=False` fixes the length axis at the inputs'
+    length (the format of bundles exported before dynamic lengths; tests use it)."""
     names_in, names_out = GRAPH_IO[role]
-    axes = {name: {0: "batch"} for name in (*names_in, *names_out)}
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -200,10 +239,11 @@ def export_graph(module: nn.Module, role: str, inputs: dict[str, torch.Tensor], 
             str(path),
             input_names=list(names_in),
             output_names=list(names_out),
-            dynamic_axes=axes,
+            dynamic_axes=dynamic_axes(role, dynamic_length),
             opset_version=OPSET,
             dynamo=False,
             external_data=False,
+            do_constant_folding=True,
         )
     module.eval()  # the exporter restores the wrapper's mode recursively: keep every submodule in eval
     graph = onnx.load(str(path), load_external_data=False)
@@ -211,6 +251,62 @@ def export_graph(module: nn.Module, role: str, inputs: dict[str, torch.Tensor], 
     graph.doc_string = doc
     onnx.helper.set_model_props(graph, {"role": role})
     onnx.save(graph, str(path))
+    if dynamic_length and role in SEQUENCE_ROLES:
+        check_length_axis(module, role, inputs, path)
+
+
+def dynamic_axes(role: str, dynamic_length: bool = True) -> dict[str, dict[int, str]]:
+    """Axis 0 (batch) of every input and output; axis 1 (length) of every input of a sequence role
+    and of its per-position output `hidden`."""
+    names_in, names_out = GRAPH_IO[role]
+    axes = {name: {0: "batch"} for name in (*names_in, *names_out)}
+    if dynamic_length and role in SEQUENCE_ROLES:
+        for name in (*names_in, *(n for n in names_out if n == "hidden")):
+            axes[name][1] = LENGTH_AXIS
+    return axes
+
+
+def truncate(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Sequence inputs cut to their first `length` positions (axis 1)."""
+    return {name: value[:, :length] for name, value in inputs.items()}
+
+
+def mask_beyond(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """The same inputs at full length with positions >= `length` turned into pads (valid False,
+    zero vectors): what a history of at most `length` items looks like padded to max_len."""
+    out = {}
+    for name, value in inputs.items():
+        value = value.clone()
+        value[:, length:] = False if value.dtype == torch.bool else 0
+        out[name] = value
+    return out
+
+
+LENGTH_CHECK_ATOL = 1e-5  # ONNX Runtime at a short length vs eager padded to max_len (float32)
+
+
+def check_length_axis(module: nn.Module, role: str, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """The exported graph run at shorter lengths (ONNX Runtime) must give the eager module's outputs
+    on the same histories padded to max_len (hidden states: the first `length` positions). Raises
+    ValueError if the length axis was traced into a constant or padding changes the outputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    full = int(inputs["valid"].shape[1])
+    for length in sorted({1, max(1, full // 3), full}):
+        short = truncate(inputs, length)
+        got = session.run(list(GRAPH_IO[role][1]), {k: v.numpy() for k, v in short.items()})
+        expected = run_torch(module, role, mask_beyond(inputs, length))
+        for name, value in zip(GRAPH_IO[role][1], got, strict=True):
+            reference = expected[name][:, :length] if name == "hidden" else expected[name]
+            error = float(np.abs(value - reference).max()) / max(1.0, float(np.abs(reference).max()))
+            if value.shape != reference.shape or not error <= LENGTH_CHECK_ATOL:
+                raise ValueError(
+                    f"graph '{role}' at length {length}: output '{name}' {value.shape} differs from "
+                    f"eager padded to max_len {reference.shape} by {error:.2e}"
+                )
 
 
 def run_torch(module: nn.Module, role: str, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
