@@ -54,3 +54,15 @@ def ml1m_quick_run(ml1m_features_dir: Path) -> Path:
     if not stage_path(run, 3).is_file():
         train_from_dir(ml1m_features_dir, run, profile("quick"), show_progress=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards). Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

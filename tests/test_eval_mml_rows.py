@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from training.evaluation.mml_rows import ROWS, MMLRow, training_split
 from training.evaluation.protocol import evaluate, train_data
 from training.synthetic import synthetic
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {  # a few seconds per run (the training stage's own test settings)
     "model": {"d": 16, "d_ffn": 32, "max_len": 12, "n_neighbours": 4},
@@ -20,14 +21,6 @@ TINY = {  # a few seconds per run (the training stage's own test settings)
     "eval_tasks": 16,
 }
 HELD_OUT = 60  # the last catalogue item: only ever a validation / query item below
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _split(query_item: int = HELD_OUT):

@@ -10,16 +10,9 @@ from model.attention import MASK_VALUE, attention_mask
 from model.config import ModelConfig
 from model.learners import IDLearner, ImageLearner, TextLearner, last_hidden
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CFG = ModelConfig(d=16, n_heads=2, d_ffn=32, max_len=8, text_dim=12, image_dim=10, feature_sim_dim=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(batch: int = 3, length: int = 8, seed: int = 0):

@@ -10,16 +10,9 @@ from model.learners import last_hidden
 from model.mml import LEARNERS, MML
 from training.synthetic import synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CFG = ModelConfig(d=16, d_ffn=32, max_len=10, n_neighbours=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from training.maml import learner_parameters, meta_loss, stage1_tasks
 from training.run import train
 from training.synthetic import synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RANK_TIMEOUT_S = 120  # two tiny ranks take seconds; a hung rendezvous fails the test instead of hanging it
 WORLD = 2
 CHECK_SIZES = (8, 5, 1)  # meta-batches split evenly, unevenly, and leaving rank 1 nothing
@@ -168,15 +170,6 @@ def launch(world: int, check_out: Path, *args: str) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

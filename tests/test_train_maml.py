@@ -13,16 +13,9 @@ from training.maml import adapt, learner_parameters, meta_loss, meta_loss_looped
 from training.synthetic import synthetic
 from training.tasks import make_tasks, sample_windows
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CFG = ModelConfig(d=16, d_ffn=32, max_len=12, n_neighbours=4, feature_bias_init=0.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,7 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_quick_profile_on_a_slice_of_ml1m(ml1m_features_dir, tmp_path):

@@ -13,6 +13,8 @@ from training.config import TrainConfig, profile
 from training.run import train
 from training.synthetic import synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # tiny and fast: a few meta-batches per epoch, a larger ID learning rate so 2 epochs show progress
 TINY = {
     "model": {"d": 16, "d_ffn": 32, "max_len": 12, "n_neighbours": 4},
@@ -23,15 +25,6 @@ TINY = {
     "eval_tasks": 32,
     "threads": 1,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(**overrides) -> TrainConfig:

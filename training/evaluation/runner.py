@@ -64,7 +64,9 @@ PROFILES: dict[str, EvalProfile] = {
     # A few hours on 2 CPU cores: two learning rates, sampled windows, short early stopping.
     "quick": EvalProfile(
         name="quick",
-        sequential=SequentialConfig(lrs=(3e-3, 1e-3), windows="one_per_sequence", max_epochs=10, patience=2),
+        sequential=SequentialConfig(
+            lrs=(3e-3, 1e-3), windows="one_per_sequence", max_epochs=10, patience=2, threads=1
+        ),
         itemknn_windows=(None, 2, 5, 20),
         train_profile="quick",
     ),
@@ -82,7 +84,7 @@ def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
     if name == "itemknn":
         return {"windows": list(profile.itemknn_windows)}
     if name in ("sasrec", "gru4rec", "full_retrain"):
-        return profile.sequential.model_dump(mode="json")
+        return profile.sequential.model_dump(mode="json", exclude={"threads"})  # threads: speed only
     if name == "pop":
         return {}
     return {"train_profile": profile.train_profile}
