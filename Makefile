@@ -54,8 +54,11 @@ test: $(STAMP) ## run the test suite
 bench: $(STAMP) ## benchmarks -> docs/results/bench.json
 	PYTHONPATH=. $(BIN)/mml bench --out docs/results/bench.json  # loadtest/ is not an installed package
 
-results: features ## regenerate the evaluation report from scratch
-	$(BIN)/mml evaluate --data $(DATA) --out docs/results
+# every method of docs/results.md, MML trained with CE too; RQ4 points with one seed (2 CPU cores)
+EVAL_METHODS ?= pop,itemknn,sasrec,gru4rec,full_retrain,pt_ft,mml,no_gen,no_fusion,mml_id,mml_zero_shot,mml_ce
+results: features ## regenerate the evaluation report from scratch (hours on 2 cores; resumes)
+	$(BIN)/mml evaluate --data $(DATA) --out docs/results --report docs/results.md --seeds 3 \
+		--methods $(EVAL_METHODS) --rq4-seeds 1
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

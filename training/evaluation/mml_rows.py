@@ -180,5 +180,5 @@ def _average(per_learner: dict) -> Any:
     return torch.cat([torch.zeros_like(mean[:, :1]), mean], dim=1)
 
 
-def mml_method(name: str, train_profile: str) -> Method:
-    return MMLRow(name, train_profile)
+def mml_method(name: str, train_profile: str, threads: int | None = None) -> Method:
+    return MMLRow(name, train_profile, overrides={"threads": threads} if threads else None)

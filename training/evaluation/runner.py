@@ -51,6 +51,9 @@ class EvalProfile(BaseModel):
         description="co-occurrence windows tried (None = whole user)"
     )
     train_profile: str = Field(description="`mml train --profile` for MML, its ablations and PT-FT")
+    train_threads: int = Field(
+        2, ge=1, description="torch threads of MML / PT-FT training (speed only, not a cache key)"
+    )
 
 
 PROFILES: dict[str, EvalProfile] = {
@@ -69,6 +72,9 @@ PROFILES: dict[str, EvalProfile] = {
         ),
         itemknn_windows=(None, 2, 5, 20),
         train_profile="quick",
+        # one thread per process: two evaluation processes (or a job beside one) on 2 cores, where
+        # two-thread OpenMP regions stall on descheduled threads (measured > 10x slower under load)
+        train_threads=1,
     ),
 }
 
@@ -122,7 +128,7 @@ def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None 
     if name == "pt_ft" or name in MML_ROWS or name in OPTIONAL_ROWS:
         from training.evaluation.mml_rows import mml_method
 
-        return mml_method(name, profile.train_profile)
+        return mml_method(name, profile.train_profile, threads=profile.train_threads)
     raise MMLError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
 
