@@ -1,7 +1,7 @@
 """`mml bench` figures of catalogue scale (`loadtest/scale.py`): the top-k stage over synthetic
 catalogues of 100k and 1M items shaped like the bundle's item matrix, exact against the service's own
-IVF top-k stage (`service.topk.IvfTopK`, served with `MML_TOPK__KIND=ivf`) and Faiss HNSW. A few
-minutes on 2 cores.
+IVF top-k stage (`service.topk.IvfTopK`, served with `MML_TOPK__KIND=ivf`) with each codec of
+`ScaleConfig.ivf_codecs`, and Faiss HNSW. Several minutes on 2 cores.
 
     python -m loadtest.bench_scale [BUNDLE]          # prints the figures as JSON
 
@@ -9,8 +9,9 @@ minutes on 2 cores.
 for; none: the documented Gaussian fallback) and `scale` (a dict of `ScaleConfig` overrides).
 Headline figures: `scale_1m_p99_ms` and `scale_1m_recall_at_100` (the fastest method whose
 recall@100 >= 0.95; targets in mml/bench.py: <= 10 ms and >= 0.95), `scale_1m_method`; the IVF
-rows (`scale_<size>_ivf_*`, nprobe tuned in `_params`) time `IvfTopK.search`, the call the service's
-topk stage makes per request.
+rows (`scale_<size>_ivf_*`: the service's default codec, pq4fs with exact re-ranking;
+`scale_<size>_ivf_<codec>_*`: the others; codec, rerank and the tuned nprobe in `_params`) time
+`IvfTopK.search`, the call the service's topk stage makes per request.
 """
 
 from __future__ import annotations

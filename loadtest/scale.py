@@ -22,10 +22,12 @@ N(0, I/(3d)); the figures then say `scale_data = "gaussian"`.
 timed loops run at a raised scheduling priority where permitted, see `raised_priority`):
 * `exact`: the service's default code path above (`service.topk.top_k`, as in `ExactTopK`).
 * `ivf`: the service's own IVF top-k stage, `service.topk.IvfTopK` (what `MML_TOPK__KIND=ivf`
-  serves: Faiss IVF-Flat, inner product, over the MIPS-augmented rows below), nlist = N /
+  serves) with its default codec (`pq4fs`: 4-bit fast-scan PQ codes, rerank x k candidates re-scored
+  exactly against the float rows), over the MIPS-augmented rows below; `ivf_<codec>` the same class
+  with another codec (`fp16`, `flat` = IVF-Flat by default: `ScaleConfig.ivf_codecs`). nlist = N /
   `ivf_points_per_list` (power of two), k-means on a sample; nprobe tuned: the smallest value of the
-  grid with recall@100 >= target on the tuning queries. Timed: `IvfTopK.search`, the call the
-  service's topk stage makes per request (one query, over-fetch and filtering included).
+  grid with recall@100 >= target + margin on the tuning queries. Timed: `IvfTopK.search`, the call the
+  service's topk stage makes per request (one query, over-fetch, filtering and re-ranking included).
 * `hnsw`: Faiss HNSW-Flat (M, efConstruction below); efSearch tuned like nprobe. Built at 100k only
   by default: its build is the slowest step (O(N log N) graph insertions), and on this data it needs
   a large efSearch for the target recall (HNSW straight on the inner product stalls near 0.75).
@@ -36,7 +38,8 @@ clusters and probes by L2 on those rows and scans its lists by inner product, q'
 
 **Figures** per size and method: p50/p99 latency (ms) on held-out test queries, recall@100 against
 the exact top-100 (ground truth: batched matmul of the same matrix), memory (bytes of the matrix or
-of the serialised index, which holds its own copy of the vectors), build time (2 threads) and
+of the serialised index: IVF-Flat and HNSW hold their own float copy of the vectors, the compressed
+IVF codecs only codes, and the service keeps the exact matrix beside any index), build time (2 threads) and
 start-up time (exact: assembling the matrix; index: deserialising it).
 """
 
@@ -48,6 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -68,7 +72,10 @@ class ScaleConfig(BaseModel):
     ivf_points_per_list: int = Field(1000, ge=10)  # nlist ~ N / this: 1024 lists at 1M
     ivf_train_points_per_list: int = Field(40, ge=39)  # k-means sample; Faiss warns below 39 per list
     ivf_kmeans_iterations: int = Field(10, ge=1)  # Faiss default 25; the coarse lists need no more
-    ivf_nprobe_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    ivf_nprobe_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384)
+    # IvfTopK codecs measured (service.topk.TopKConfig.codec), each with its default rerank; the
+    # service's default codec is method `ivf`, the others `ivf_<codec>`
+    ivf_codecs: tuple[Literal["pq4fs", "sq8", "fp16", "flat"], ...] = ("pq4fs", "fp16", "flat")
     hnsw_sizes: tuple[int, ...] = (100_000,)  # HNSW builds in O(N log N) and slowly on 2 cores
     hnsw_m: int = Field(16, ge=4)  # neighbours per node (Faiss default 32; 16 halves build time and links)
     hnsw_ef_construction: int = Field(40, ge=8)  # Faiss default
@@ -244,13 +251,22 @@ def _pow2(x: float) -> int:
     return int(2 ** max(0, round(np.log2(max(x, 1.0)))))
 
 
-def build_ivf(items: np.ndarray, config: ScaleConfig):
+def ivf_method(codec: str) -> str:
+    """The method name of an IvfTopK codec: `ivf` for the service's default codec."""
+    from service.topk import TopKConfig
+
+    return "ivf" if codec == TopKConfig().codec else f"ivf_{codec}"
+
+
+def build_ivf(items: np.ndarray, config: ScaleConfig, codec: str | None = None):
     """The service's own IVF top-k stage (`service.topk.IvfTopK`, what `MML_TOPK__KIND=ivf` serves)
-    over these rows (index id = row), nlist = N / ivf_points_per_list (a power of two)."""
+    over these rows (index id = row), nlist = N / ivf_points_per_list (a power of two); `codec`
+    unset: the service's default, with its default rerank."""
     from service.topk import IvfTopK, TopKConfig
 
     topk_config = TopKConfig(
         kind="ivf",
+        codec=codec or TopKConfig().codec,
         nlist=_pow2(len(items) / config.ivf_points_per_list),
         nprobe=1,  # tuned by measure_index
         min_items=0,
@@ -259,7 +275,7 @@ def build_ivf(items: np.ndarray, config: ScaleConfig):
         seed=config.seed,
     )
     topk = IvfTopK(items, topk_config, first_row=0)
-    return topk, f"service.topk.IvfTopK,nlist={topk.nlist}"
+    return topk, f"service.topk.IvfTopK,codec={topk.codec},rerank={topk.rerank},nlist={topk.nlist}"
 
 
 def build_hnsw(items_aug: np.ndarray, config: ScaleConfig):
@@ -279,13 +295,13 @@ class _Searcher:
         self.method, self.index, self.k = method, index, k
 
     def set(self, value: int) -> None:
-        if self.method == "ivf":
+        if self.method.startswith("ivf"):
             self.index.nprobe = value  # IvfTopK: the nprobe of every later search
         else:
             self.index.hnsw.efSearch = value
 
     def one(self, q: np.ndarray) -> np.ndarray:
-        if self.method == "ivf":  # the service's call: raw query, over-fetch and filter included
+        if self.method.startswith("ivf"):  # the service's call: raw query, over-fetch and filter included
             ids, _ = self.index.search(q, self.k)
             out = np.full(self.k, -1, np.int64)
             out[: len(ids)] = ids
@@ -293,12 +309,12 @@ class _Searcher:
         return self.index.search(q[None, :], self.k)[1][0]
 
     def many(self, queries: np.ndarray) -> np.ndarray:
-        if self.method == "ivf":
+        if self.method.startswith("ivf"):
             return np.stack([self.one(q) for q in queries])
         return self.index.search(queries, self.k)[1]
 
     def faiss_index(self):
-        return self.index.index if self.method == "ivf" else self.index
+        return self.index.index if self.method.startswith("ivf") else self.index
 
 
 @dataclass
@@ -327,8 +343,8 @@ def measure_index(
     build_s: float,
 ) -> MethodResult:
     """Tune the search parameter on the tuning queries, then measure on the test queries one at a
-    time on one thread. `ivf`: `index` is the service's IvfTopK, queries raw; `hnsw`: a Faiss index,
-    queries MIPS-augmented."""
+    time on one thread. `ivf*`: `index` is the service's IvfTopK, queries raw (memory: its Faiss
+    index, beside the float matrix it re-ranks against); `hnsw`: a Faiss index, queries MIPS-augmented."""
     import faiss
 
     searcher = _Searcher(method, index, config.k)
@@ -435,14 +451,14 @@ def run_scale(config: ScaleConfig, bundle_path: Path | None) -> dict[str, float 
             )
         )  # fmt: skip
 
-        builders = [("ivf", "nprobe", config.ivf_nprobe_grid)]
+        builders = [(ivf_method(c), c, "nprobe", config.ivf_nprobe_grid) for c in config.ivf_codecs]
         if n in config.hnsw_sizes:
-            builders.append(("hnsw", "efSearch", config.hnsw_ef_grid))
-        for method, param_name, grid in builders:
+            builders.append(("hnsw", "", "efSearch", config.hnsw_ef_grid))
+        for method, codec, param_name, grid in builders:
             faiss.omp_set_num_threads(config.build_threads)
             start = time.perf_counter()
-            if method == "ivf":  # the service's class: raw rows and queries
-                index, params = build_ivf(items, config)
+            if method.startswith("ivf"):  # the service's class: raw rows and queries
+                index, params = build_ivf(items, config, codec)
                 tune_m, test_m = tune, (test_q, test_truth)
             else:  # a Faiss index over the MIPS-augmented rows
                 items_aug = mips_items(items)
@@ -474,7 +490,7 @@ def run_scale(config: ScaleConfig, bundle_path: Path | None) -> dict[str, float 
                 }
             )
             _log(
-                f"{tag} {r.method:5s} p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  (cpu {r.cpu_p50_ms:.3f} / "
+                f"{tag} {r.method:9s} p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  (cpu {r.cpu_p50_ms:.3f} / "
                 f"{r.cpu_p99_ms:.3f})  recall@{config.k} "
                 f"{r.recall:.4f}  {r.bytes / 2**20:7.1f} MiB  build {r.build_s:6.1f} s  load {r.load_s:.3f} s  ({r.params})"
             )

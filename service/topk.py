@@ -3,19 +3,29 @@
     score(item) = items_concat[item] . query + bias        (bias: one constant per request)
 
 `ExactTopK` scores every row (the catalogue, then the registered new items) and selects with
-`top_k`: O(items x 3d) per request, exact. `IvfTopK` answers the same question from a Faiss
-IVF-Flat index with `METRIC_INNER_PRODUCT`: the query is compared with `nlist` list centroids and
-only the `nprobe` nearest lists are scored. `make_topk` picks one from a `TopKConfig`
+`top_k`: O(items x 3d) per request, exact. `IvfTopK` answers the same question from a Faiss IVF
+index with `METRIC_INNER_PRODUCT`: the query is compared with `nlist` list centroids and only the
+rows of the `nprobe` nearest lists are scored. `make_topk` picks one from a `TopKConfig`
 (`MML_TOPK__*` settings, docs/service.md); below `min_items` catalogue items it is always exact.
 
 **The index.** Rows 1..N of the runtime's item matrix (row 0 is the pad), index id = row. Each row x
-is stored MIPS-augmented as [x, sqrt(R^2 - |x|^2)], R the largest catalogue row norm, and a query q
-as [q, 0] (Bachrach et al., 2014): the inner product is unchanged, so the index returns exact fused
-scores (minus the bias) for what it finds, while every catalogue row lies on one sphere of radius R,
-where L2 k-means lists are also inner-product neighbourhoods. The coarse quantizer is therefore
-L2 (k-means on a random sample of `train_points_per_list` x nlist rows, assignment of rows and
-probing of queries by L2 to the centroids); the lists are scanned by inner product. On these vectors
-this probes better than an inner-product quantizer (loadtest/scale.py measures recall@100).
+is stored MIPS-augmented as [x, sqrt(R^2 - |x|^2), 0, ...], R the largest catalogue row norm, zero
+padded to a multiple of 8 columns, and a query q as [q, 0, ...] (Bachrach et al., 2014): the inner
+product is unchanged, while every catalogue row lies on one sphere of radius R, where L2 k-means
+lists are also inner-product neighbourhoods. The coarse quantizer is therefore L2 (k-means on a
+random sample of `train_points_per_list` x nlist rows, assignment of rows and probing of queries by
+L2 to the centroids); the lists are scanned by inner product. On these vectors this probes better
+than an inner-product quantizer (loadtest/scale.py measures recall@100).
+
+**Codecs and re-ranking** (`TopKConfig.codec`). `flat` stores the augmented rows in float32: the
+scan is exact within the probed lists and returns exact scores. The compressed codecs (`pq4fs`, the
+default: 4-bit product quantisation of 2-dimension sub-vectors scanned with Faiss' SIMD fast-scan
+kernels; `sq8`; `fp16`) store codes of the rows themselves (not residuals: Faiss' residual inner
+product assumes an inner-product quantizer); a search takes `rerank` x k candidates from the probed
+lists by approximate score, then re-scores them exactly against the float rows (the runtime's
+`items_concat`, referenced, not copied; new items' rows kept beside the index) and keeps the k best.
+Answers therefore carry exact scores in exact order; only which items reach the candidate set is
+approximate, as with `flat` only which lists are probed is.
 
 **Registered new items** (service/items.py) are added to the same index, with ids after the
 catalogue's, when a request first brings a table snapshot that holds them; a re-registered item
@@ -27,8 +37,9 @@ that count per thread, and `Runtime.load` sets it only on the thread that loads)
 with the loading thread's count: one in the service.
 
 **Exclusions** (history, exclude_ids, the pad) are over-fetched: the index is asked for
-k + |excluded| hits, excluded ones are dropped; if that leaves fewer than k, the search is repeated
-with twice as many hits, or twice as many lists when the probed lists ran out (up to all of them).
+k' + |excluded| hits (k' = k for `flat`, rerank x k otherwise), excluded ones are dropped; if that leaves fewer than k, the search is repeated
+with twice as many hits, or twice as many lists when the probed lists ran out (up to all of them);
+the first k' that remain are re-scored.
 """
 
 from __future__ import annotations
@@ -41,7 +52,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+AUTO_PROBE_DIVISOR, AUTO_MIN_PROBES = 6, 32  # automatic nprobe: nlist / 6, at least 32 (see nprobe)
 POINTS_PER_LIST = 1000  # automatic nlist: catalogue items / this, as loadtest/scale.py measured it
+RERANK = {"pq4fs": 16, "sq8": 2, "fp16": 2}  # default candidates per item kept, re-scored exactly
+MIN_TRAIN_POINTS = 4096  # compressed codecs: their codebooks (16 centroids per PQ sub-space) need rows
 
 
 class TopKConfig(BaseModel):
@@ -50,15 +64,29 @@ class TopKConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["exact", "ivf"] = "exact"
-    """`exact`: score every item (numpy matmul + argpartition). `ivf`: a Faiss IVF-Flat index,
+    """`exact`: score every item (numpy matmul + argpartition). `ivf`: a Faiss IVF index (`codec`),
     approximate (recall@100 0.96-0.97 against exact at 1M items with nprobe tuned per bundle)."""
     nlist: int | None = Field(None, ge=1)
     """Lists (k-means cells) of the IVF index. Unset: catalogue items / 1000 rounded to a power of
     two (1024 at 1M items, the setting loadtest/scale.py measured); never more than the items."""
-    nprobe: int = Field(32, ge=1)
-    """Lists scanned per query: recall against latency. 32 of 1024 lists gave recall@100 0.96 at
-    1M items in loadtest/scale.py on an earlier bundle (about 1.5 ms per query on one core); the
-    current quick bundle needs 128 (6.6 ms). Tune it per model (docs/operations.md section 2)."""
+    nprobe: int | None = Field(None, ge=1)
+    """Lists scanned per query: recall against latency. Unset: nlist / 6, at least 32 (of 1024 lists
+    at 1M items: 170; the quick bundle measured recall@100 0.964 at 160 with `pq4fs`, 0.969 at 128
+    with `flat`; loadtest/scale.py). The right value depends on the model and the codec: tune it per
+    bundle (docs/operations.md section 2)."""
+    codec: Literal["pq4fs", "sq8", "fp16", "flat"] = "pq4fs"
+    """How the index stores the rows it scans. `flat`: float32 (IVF-Flat; its scores are exact, no
+    re-ranking). `pq4fs`: product quantisation, 4 bits per 2 dimensions (50 bytes a row), scanned by
+    Faiss' SIMD fast-scan kernels; `sq8`: 8 bits per dimension; `fp16`: float16. The compressed codecs
+    fetch `rerank` x k candidates and re-score them exactly against the float rows the runtime keeps
+    anyway, so answers carry exact scores in exact order. At 1M items on the quick bundle, at
+    recall@100 0.96-0.97, `pq4fs` costs about a third of `flat`'s CPU per query (nprobe 160 of 1024
+    against 128) and its index takes 58 bytes per item instead of 808 (docs/operations.md section 2)."""
+    rerank: int | None = Field(None, ge=1, le=64)
+    """Candidates fetched from a compressed index per item asked for (k' = rerank x k), re-scored
+    exactly. Unset: 16 for `pq4fs` (its codes order candidates coarsely), 2 for `sq8` and `fp16`;
+    ignored by `flat`. Keep rerank x k under about 2,000: above, Faiss' fast scan takes a slower path
+    (about 4 ms per query at 1M items)."""
     min_items: int = Field(50_000, ge=0)
     """Catalogues smaller than this stay exact even with kind `ivf` (exact costs about 0.07 ms of CPU
     per 1,000 items per request: ML-1M's 3,883 items are cheaper exact than probed)."""
@@ -72,9 +100,20 @@ class TopKConfig(BaseModel):
 
     @model_validator(mode="after")
     def _nprobe_within_nlist(self) -> TopKConfig:
-        if self.nlist is not None and self.nprobe > self.nlist:
+        if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
             raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
         return self
+
+    def rerank_for(self) -> int:
+        """Candidates per item asked for that the index returns for exact re-scoring; 0: none (flat)."""
+        if self.codec == "flat":
+            return 0
+        return self.rerank if self.rerank is not None else RERANK[self.codec]
+
+    def probes_for(self, nlist: int) -> int:
+        """nprobe for an index of nlist lists."""
+        wanted = self.nprobe if self.nprobe is not None else max(AUTO_MIN_PROBES, nlist // AUTO_PROBE_DIVISOR)
+        return min(wanted, nlist)
 
     def lists_for(self, n_items: int) -> int:
         """nlist for a catalogue of n_items."""
@@ -131,7 +170,7 @@ class ExactTopK:
 
 
 class IvfTopK:
-    """A Faiss IVF-Flat index over the catalogue and the registered new items (module docstring)."""
+    """A Faiss IVF index over the catalogue and the registered new items (module docstring)."""
 
     kind = "ivf"
 
@@ -143,25 +182,32 @@ class IvfTopK:
         first_row: int = 1,
     ) -> None:
         """Index rows first_row.. of `items` (the runtime's items_concat: row 0 is the pad), index
-        id = row. `item_ids[row]` names a row in answers. Builds with Faiss' current thread count."""
+        id = row. `item_ids[row]` names a row in answers; compressed codecs re-score against `items`
+        (kept by reference, not copied). Builds with Faiss' current thread count."""
         import faiss
 
         self.faiss = faiss
         self.config = config
         self.ids = item_ids
+        self.items = items
         rows = items[first_row:]
         n = len(rows)
         if n == 0:
             raise ValueError("an IVF index needs at least one item")
         self.dim = items.shape[1]
+        # [x, extra, 0...]: a multiple of 8 wide (Faiss' SIMD scalar-quantizer kernels need it; the
+        # fast-scan PQ codes 2 dimensions each); the zero columns change no inner product
+        self.index_dim = -(-(self.dim + 1) // 8) * 8
         self.radius2 = float(np.einsum("ij,ij->i", rows, rows).max())  # R^2
         self.nlist = config.lists_for(n)
-        quantizer = faiss.IndexFlatL2(self.dim + 1)
-        index = faiss.IndexIVFFlat(quantizer, self.dim + 1, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.codec = config.codec
+        self._quantizer, self.index = self._empty_index()  # the quantizer must outlive the index
+        index = self.index
         index.cp.seed = config.seed
         index.cp.niter = config.kmeans_iterations
         rng = np.random.default_rng(config.seed)
-        size = min(n, self.nlist * config.train_points_per_list)
+        size = self.nlist * config.train_points_per_list
+        size = min(n, size if self.codec == "flat" else max(size, MIN_TRAIN_POINTS))
         sample = np.sort(rng.choice(n, size, replace=False))
         index.train(self._augment(rows[sample]))
         chunk = 100_000  # bounds the augmented copy held at once
@@ -170,19 +216,38 @@ class IvfTopK:
             index.add_with_ids(
                 self._augment(part), np.arange(start, start + len(part), dtype=np.int64) + first_row
             )
-        self.index = index
-        self.nprobe = min(config.nprobe, self.nlist)
+        self.nprobe = config.probes_for(self.nlist)
+        self.rerank = config.rerank_for()  # 0: the index's scores are exact (flat)
         self.catalogue_end = first_row + n  # ids below: catalogue rows; from here on: new items
         self.next_id = self.catalogue_end
         self._new: dict[str, tuple[int, str]] = {}  # item_id -> (index id, revision)
         self._new_ids: dict[int, str] = {}  # index id -> item_id
+        self._new_rows: dict[int, np.ndarray] = {}  # index id -> float row (exact re-scoring)
         self._table = None  # the table snapshot the index reflects
         self._lock = threading.Lock()
 
+    def _empty_index(self):
+        faiss, d = self.faiss, self.index_dim
+        quantizer = faiss.IndexFlatL2(d)
+        ip = faiss.METRIC_INNER_PRODUCT
+        if self.codec == "flat":
+            index = faiss.IndexIVFFlat(quantizer, d, self.nlist, ip)
+        elif self.codec == "pq4fs":
+            index = faiss.IndexIVFPQFastScan(quantizer, d, self.nlist, d // 2, 4, ip)
+        else:
+            qtype = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}[self.codec]
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, self.nlist, qtype, ip)
+        # codes of the rows themselves, not of their residuals to the list centroid: Faiss' residual
+        # inner product assumes an inner-product quantizer, and this one is L2 (module docstring)
+        index.by_residual = False
+        return quantizer, index
+
     def _augment(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
-        extra = np.sqrt(np.maximum(self.radius2 - np.einsum("ij,ij->i", x, x), 0.0)).astype(np.float32)
-        return np.ascontiguousarray(np.hstack([x, extra[:, None]]))
+        out = np.zeros((len(x), self.index_dim), np.float32)
+        out[:, : self.dim] = x
+        out[:, self.dim] = np.sqrt(np.maximum(self.radius2 - np.einsum("ij,ij->i", x, x), 0.0))
+        return out
 
     @property
     def ntotal(self) -> int:
@@ -199,30 +264,45 @@ class IvfTopK:
             gone = np.asarray([self._new[i][0] for i in stale], np.int64)
             self.index.remove_ids(self.faiss.IDSelectorBatch(gone))
             for i in stale:
-                self._new_ids.pop(self._new.pop(i)[0])
+                index_id = self._new.pop(i)[0]
+                self._new_ids.pop(index_id)
+                self._new_rows.pop(index_id)
         fresh = [i for i in table.ids if i not in self._new]
         if fresh:
             ids = np.arange(self.next_id, self.next_id + len(fresh), dtype=np.int64)
             self.next_id += len(fresh)
-            self.index.add_with_ids(self._augment(table.concat[[table.index[i] for i in fresh]]), ids)
-            for item_id, index_id in zip(fresh, ids.tolist(), strict=True):
+            rows = np.asarray(table.concat[[table.index[i] for i in fresh]], np.float32)
+            self.index.add_with_ids(self._augment(rows), ids)
+            for item_id, index_id, row in zip(fresh, ids.tolist(), rows, strict=True):
                 self._new[item_id] = (index_id, table.revisions[item_id])
                 self._new_ids[index_id] = item_id
+                self._new_rows[index_id] = row
         self._table = table
 
     # --- search ---------------------------------------------------------------------------------
 
     def search(self, q: np.ndarray, k: int, excluded: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """(index ids, inner products) of the k best not in `excluded`, best first: the index search
-        of one request (over-fetch, then filter; see the module docstring)."""
+        """(index ids, exact inner products) of the k best not in `excluded`, best first: the index
+        search of one request (over-fetch, filter, re-rank; see the module docstring)."""
         with self._lock:
-            return self._search(q, k, excluded)
+            return self._search(np.asarray(q, np.float32), k, excluded)
+
+    def _exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Inner products of q with the float rows of these index ids."""
+        cat = ids < self.catalogue_end
+        if cat.all():
+            return self.items[ids] @ q
+        out = np.empty(len(ids), np.float32)
+        out[cat] = self.items[ids[cat]] @ q
+        out[~cat] = [float(self._new_rows[i] @ q) for i in ids[~cat].tolist()]
+        return out
 
     def _search(self, q: np.ndarray, k: int, excluded: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
-        query = np.zeros((1, self.dim + 1), np.float32)
+        query = np.zeros((1, self.index_dim), np.float32)
         query[0, : self.dim] = q
         total = self.ntotal
-        fetch, nprobe = min(k + len(excluded), total), self.nprobe
+        wanted = k * max(self.rerank, 1)  # candidates worth re-scoring
+        fetch, nprobe = min(wanted + len(excluded), total), self.nprobe
         excluded = excluded if isinstance(excluded, set | frozenset) else set(excluded)
         while True:
             params = self.faiss.SearchParametersIVF(nprobe=nprobe)
@@ -233,11 +313,18 @@ class IvfTopK:
             if excluded:
                 keep &= np.fromiter((i not in excluded for i in ids.tolist()), bool, len(ids))
             if keep.sum() >= k or (exhausted and nprobe >= self.nlist) or (not exhausted and fetch >= total):
-                return ids[keep][:k], scores[keep][:k]
+                break
             if exhausted:
                 nprobe = min(2 * nprobe, self.nlist)
             else:
                 fetch = min(2 * fetch, total)
+        ids = ids[keep]
+        if not self.rerank:
+            return ids[:k], scores[keep][:k]
+        ids = ids[:wanted]
+        exact = self._exact(q, ids)
+        best = top_k(exact, k)
+        return ids[best], exact[best]
 
     def __call__(
         self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table

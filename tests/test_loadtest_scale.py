@@ -95,8 +95,11 @@ def test_a_tiny_run_reports_every_figure():
     figures = run_scale(config, bundle_path=None)
     assert figures["scale_data"] == "gaussian"
     assert figures["scale_1500_exact_recall_at_10"] == 1.0
-    for method in ("exact", "ivf", "hnsw"):
+    for method in ("exact", "ivf", "ivf_fp16", "ivf_flat", "hnsw"):
         for figure in ("p50_ms", "p99_ms", "cpu_p99_ms", "recall_at_10", "mib", "build_s", "load_s"):
             assert f"scale_1500_{method}_{figure}" in figures
-    assert figures["scale_1500_method"] in ("exact", "ivf", "hnsw")
+    assert figures["scale_1500_method"] in ("exact", "ivf", "ivf_fp16", "ivf_flat", "hnsw")
+    # method `ivf` is the service's default codec, re-ranked; ivf_flat is IVF-Flat, not re-ranked
+    assert "codec=pq4fs,rerank=16" in figures["scale_1500_ivf_params"]
+    assert "codec=flat,rerank=0" in figures["scale_1500_ivf_flat_params"]
     assert figures["scale_1500_recall_at_10"] >= 0.95

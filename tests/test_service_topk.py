@@ -62,45 +62,88 @@ def catalogue():
     return _catalogue()
 
 
+CODECS = ("pq4fs", "sq8", "fp16", "flat")
+
+
 @pytest.fixture(scope="module")
-def ivf(catalogue):
+def indexes(catalogue):
+    """One IVF index per codec over the synthetic catalogue, 256 lists, default nprobe and rerank."""
     import faiss
 
     faiss.omp_set_num_threads(1)  # as the service runs it
     items, ids, _ = catalogue
-    return IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0), ids)
+    return {c: IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0, codec=c), ids) for c in CODECS}
 
 
-def test_ivf_recall_against_exact_at_the_default_nprobe(catalogue, ivf):
+@pytest.fixture(scope="module")
+def ivf(indexes):
+    return indexes[TopKConfig().codec]
+
+
+def _recall(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> float:
+    return len({i for i, _ in got} & {i for i, _ in want}) / len(want)
+
+
+def _assert_exact_scores(got: list[tuple[str, float]], items: np.ndarray, q: np.ndarray, bias: float) -> None:
+    """Every returned item carries its exact fused score (float row . query + bias), best first."""
+    rows = np.asarray([int(i[1:]) for i, _ in got])
+    np.testing.assert_allclose([s for _, s in got], items[rows] @ q + bias, rtol=1e-5, atol=1e-5)
+    scores = [s for _, s in got]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_ivf_recall_against_exact_at_the_default_nprobe(catalogue, indexes, codec):
     items, ids, queries = catalogue
+    ivf = indexes[codec]
     exact = ExactTopK(items, ids)
-    assert ivf.nprobe == TopKConfig().nprobe == 32 and ivf.nlist == 256 and ivf.ntotal == N
+    assert ivf.nprobe == TopKConfig().probes_for(256) == 42 and ivf.nlist == 256 and ivf.ntotal == N
+    assert ivf.codec == codec and ivf.index_dim % 8 == 0 and ivf.index_dim > D
+    assert TopKConfig().codec == "pq4fs" and TopKConfig().rerank_for() == 16  # the measured winner
+    assert ivf.rerank == (0 if codec == "flat" else TopKConfig(codec=codec).rerank_for())
     hits = []
     for q in queries:
-        want = exact(q, 0.5, K, [], [], EMPTY)
         got = ivf(q, 0.5, K, [], [], EMPTY)
         assert len(got) == K and len({i for i, _ in got}) == K
-        scores = [s for _, s in got]
-        assert scores == sorted(scores, reverse=True)  # best first
-        exact_score = dict(want)
-        # a found item carries its exact fused score (inner product + bias)
-        for item_id, score in got[:10]:
-            row = int(item_id[1:])
-            assert score == pytest.approx(float(items[row] @ q) + 0.5, rel=1e-4, abs=1e-4)
-        hits.append(len(exact_score.keys() & {i for i, _ in got}) / K)
-    print(f"recall@{K} {np.mean(hits):.4f}")
+        _assert_exact_scores(got, items, q, 0.5)  # re-ranked (or flat): exact scores, exact order
+        hits.append(_recall(got, exact(q, 0.5, K, [], [], EMPTY)))
+    print(f"{codec} recall@{K} {np.mean(hits):.4f}")
     assert np.mean(hits) >= 0.9
     assert "i0" not in {i for q in queries[:5] for i, _ in ivf(q, 0.0, K, [], [], EMPTY)}  # never the pad
 
 
-def test_all_lists_probed_is_the_exact_answer(catalogue):
+def test_the_compressed_codes_are_what_re_ranking_repairs(catalogue, indexes):
+    """With k candidates only (rerank 1: the index's own choice of k) pq4fs is measurably worse: the
+    exact re-scoring of rerank x k candidates is what brings it back to the flat index's recall."""
     items, ids, queries = catalogue
-    full = IvfTopK(items, TopKConfig(kind="ivf", nlist=16, nprobe=16, min_items=0), ids)
+    exact = ExactTopK(items, ids)
+    no_rerank = IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0, codec="pq4fs", rerank=1), ids)
+    with_rerank, flat = indexes["pq4fs"], indexes["flat"]
+    r1, r8, rf = [], [], []
+    for q in queries[:20]:
+        want = exact(q, 0.0, K, [], [], EMPTY)
+        r1.append(_recall(no_rerank(q, 0.0, K, [], [], EMPTY), want))
+        r8.append(_recall(with_rerank(q, 0.0, K, [], [], EMPTY), want))
+        rf.append(_recall(flat(q, 0.0, K, [], [], EMPTY), want))
+    print(f"pq4fs rerank 1: {np.mean(r1):.4f}, default: {np.mean(r8):.4f}, flat: {np.mean(rf):.4f}")
+    assert np.mean(r1) < np.mean(r8) - 0.05
+    assert np.mean(r8) >= np.mean(rf) - 0.02
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_all_lists_probed_is_the_exact_answer(catalogue, codec):
+    items, ids, queries = catalogue
+    full = IvfTopK(items, TopKConfig(kind="ivf", nlist=16, nprobe=16, min_items=0, codec=codec), ids)
     exact = ExactTopK(items, ids)
     for q in queries[:5]:
         got, want = full(q, 1.0, K, [], [], EMPTY), exact(q, 1.0, K, [], [], EMPTY)
-        assert [i for i, _ in got[:20]] == [i for i, _ in want[:20]]
-        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5)
+        _assert_exact_scores(got, items, q, 1.0)
+        if codec == "flat":  # the scan itself is exact
+            assert [i for i, _ in got[:20]] == [i for i, _ in want[:20]]
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5)
+        else:  # compressed: only the candidate set is approximate, and only at its tail
+            assert [i for i, _ in got[:10]] == [i for i, _ in want[:10]]
+            assert _recall(got, want) >= 0.97
 
 
 def test_exclusions_are_never_returned_and_k_is_still_filled(catalogue, ivf):
@@ -118,9 +161,10 @@ def test_exclusions_are_never_returned_and_k_is_still_filled(catalogue, ivf):
     assert "new-a" in got and "new-b" not in got
 
 
-def test_a_registered_item_added_after_the_build_is_found_and_updated(catalogue):
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_registered_item_added_after_the_build_is_found_and_updated(catalogue, codec):
     items, ids, queries = catalogue
-    index = IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0), ids)
+    index = IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0, codec=codec), ids)
     q = queries[3]
     unit = q / np.linalg.norm(q)
     # longer than every catalogue row along the query: the exact best item
@@ -131,8 +175,9 @@ def test_a_registered_item_added_after_the_build_is_found_and_updated(catalogue)
     assert index.ntotal == N + 1
     # re-registered with another row (new revision): the old entry is replaced, not duplicated
     moved = _table({"new-1": -unit, "new-2": 2.0 * unit * np.linalg.norm(items, axis=1).max()}, "r2")
-    got = [i for i, _ in index(q, 0.0, K, [], [], moved)]
-    assert got[0] == "new-2" and "new-1" not in got and index.ntotal == N + 2
+    got = index(q, 0.0, K, [], [], moved)
+    assert got[0][0] == "new-2" and "new-1" not in [i for i, _ in got] and index.ntotal == N + 2
+    assert got[0][1] == pytest.approx(float(moved.concat[1] @ q), rel=1e-5)  # re-scored from its row
     # an item gone from the snapshot is removed from the index
     got = [i for i, _ in index(q, 0.0, K, [], [], EMPTY)]
     assert "new-2" not in got and index.ntotal == N
@@ -164,6 +209,8 @@ def test_top_k_is_the_exact_selection():
         ({"min_items": -1}, "min_items"),
         ({"nlist": 16, "nprobe": 32}, "nprobe"),
         ({"nprobes": 4}, "nprobes"),
+        ({"codec": "pq8"}, "codec"),
+        ({"rerank": 0}, "rerank"),
     ],
 )
 def test_config_errors_name_the_field(value, field):
