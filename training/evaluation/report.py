@@ -38,6 +38,7 @@ LABELS = {
     "mml_id": "MML<sub>ID</sub>",
     "mml_zero_shot": "MML (0 warm-up steps)",
     "mml_ce": "MML (CE loss)",
+    "mml_ce_long": "MML (CE loss, 10 stage-1 epochs)",
 }
 SETTING_LABELS = {"cold_users": "cold users", "cold_users_items": "cold users + cold items (10%)"}
 ABLATION_METRICS = ("mrr@10", "ndcg@10")  # the paper's Table 4

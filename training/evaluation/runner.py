@@ -35,7 +35,8 @@ SETTINGS: tuple[str, ...] = ("cold_users", "cold_users_items")
 COLD_ITEMS_FRACTION = 0.1  # the second setting: `mml data prepare --cold-items 0.1`
 BASELINES: tuple[str, ...] = ("pop", "itemknn", "sasrec", "gru4rec", "full_retrain", "pt_ft")
 MML_ROWS: tuple[str, ...] = ("mml", "no_gen", "no_fusion", "mml_id", "mml_zero_shot")
-OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce",)  # MML trained with full-softmax CE instead of BPR
+# MML trained with full-softmax CE instead of BPR; the same with 5x the stage-1 meta-epochs
+OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce", "mml_ce_long")
 METHODS: tuple[str, ...] = BASELINES + MML_ROWS
 ALL_METHODS: tuple[str, ...] = METHODS + OPTIONAL_ROWS
 
@@ -93,7 +94,10 @@ def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
         return profile.sequential.model_dump(mode="json", exclude={"threads"})  # threads: speed only
     if name == "pop":
         return {}
-    return {"train_profile": profile.train_profile}
+    from training.evaluation.mml_rows import ROW_TRAINING
+
+    extra = ROW_TRAINING.get(name)
+    return {"train_profile": profile.train_profile, **({"training": extra[1]} if extra else {})}
 
 
 def config_hash(name: str, profile: EvalProfile) -> str:
