@@ -292,9 +292,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @app.post(
         "/events", response_model=EventOut, response_model_exclude_none=True, status_code=202, tags=["state"]
     )
-    def events(body: EventIn) -> EventOut:
+    async def events(body: EventIn) -> EventOut:
         """Append an interaction to the user's stored history (read by /recall without `history`).
-        With `event_id`, a retry of an event already stored is answered without appending it again."""
+        With `event_id`, a retry of an event already stored is answered without appending it again.
+
+        On the event loop like /recall: one Redis round trip (bounded by the store's short timeouts
+        and circuit breaker) costs less than a thread-pool hop, which under load waited ~20 ms for
+        the loop's CPU-bound /recall work (make loadtest: /events p50 47 ms as a sync route)."""
         return service.add_event(body)
 
     @app.put(
