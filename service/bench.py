@@ -186,30 +186,13 @@ def _find_bundle(context: dict) -> Path | None:
 
 
 def _start_server(bundle: Path, port: int, log_dir: Path, workers: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "MML_EXPOSURE_LOG": str(log_dir / "exposures.jsonl"),
-    }
-    for key in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "MML_ARMS_CONFIG"):
-        env.pop(key, None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mml.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-        ],  # fmt: skip
-        env=env,
+    from service.testing import serve_process
+
+    return serve_process(
+        bundle,
+        port,
+        *("--host", "127.0.0.1", "--workers", str(workers), "--log-level", "warning"),
+        env={"MML_EXPOSURE_LOG": str(log_dir / "exposures.jsonl")},
         cwd=REPO,
         stderr=open(log_dir / "server.log", "w"),  # noqa: SIM115 (closed with the process)
     )
@@ -229,24 +212,6 @@ def _cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
-
-
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited during startup")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the server did not become ready")
 
 
 ADAPT_STEPS = (1, 2, 5)
@@ -286,7 +251,7 @@ def _adapt_latency(bundle: Path, bodies: list[str]) -> dict:
 
 
 def run(context: dict | None = None) -> dict:
-    from service.testing import free_port
+    from service.testing import free_port, wait_ready
 
     context = context or {}
     bundle = _find_bundle(context)
@@ -306,7 +271,7 @@ def run(context: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mml-bench-") as tmp:
         server = _start_server(bundle, port, Path(tmp), workers)
         try:
-            _wait_ready(port, server)
+            wait_ready(f"http://127.0.0.1:{port}", server)
             _run_client(port, bodies[:200], 100.0, 2.0)  # warm connections and caches
             cpu_before = _cpu_seconds(server.pid)
             steady = _run_client(port, bodies, STEADY_RATE, STEADY_SECONDS)

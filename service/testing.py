@@ -4,12 +4,44 @@ server in a thread (real HTTP over loopback). Not used by the service itself."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+SERVICE_ENV_PREFIXES = ("MML_", "REDIS_", "PROMETHEUS_")
+
+
+def serve_process(
+    bundle: Path, port: int, *args: str, env: dict[str, str] | None = None, **popen
+) -> subprocess.Popen:
+    """`mml serve --bundle BUNDLE --port PORT *ARGS` in a child process. Its environment is the
+    caller's without service settings (MML_*, REDIS_*, PROMETHEUS_*: an in-process store, one arm,
+    stdout exposures unless `env` says otherwise), plus `env`; `popen`: subprocess.Popen keywords."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_ENV_PREFIXES)}
+    command = [sys.executable, "-m", "mml.cli", "serve", "--bundle", str(bundle), "--port", str(port), *args]
+    return subprocess.Popen(command, env={**clean, **(env or {})}, **popen)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll URL/readyz until 200; RuntimeError if the process exits or the time runs out."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mml serve exited during start-up (code {proc.returncode})")
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"mml serve did not become ready within {timeout:.0f} s")
 
 
 def free_port() -> int:

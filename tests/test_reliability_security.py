@@ -24,8 +24,6 @@ import os
 import secrets
 import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -34,7 +32,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from service.testing import free_port, sources_digest, untrained_bundle
+from service.testing import free_port, serve_process, sources_digest, untrained_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -56,23 +54,14 @@ class Served:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = workdir / "stdout", workdir / "stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MML_", "REDIS_", "PROMETHEUS_"))}
-        env["MML_ADMIN_TOKEN"] = TOKEN  # exposures go to stdout (MML_EXPOSURE_LOG unset): a log too
+        # exposures go to stdout (MML_EXPOSURE_LOG unset): a log too
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mml.cli",
-                    "serve",
-                    "--bundle",
-                    str(bundle),
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "info",
-                ],  # fmt: skip
-                env=env,
+            self.process = serve_process(
+                bundle,
+                self.port,
+                "--log-level",
+                "info",
+                env={"MML_ADMIN_TOKEN": TOKEN},
                 cwd=workdir,
                 stdout=out,
                 stderr=err,

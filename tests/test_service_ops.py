@@ -25,7 +25,15 @@ from mml.bundle import read_manifest
 from service.ab import Assigner, load_arms
 from service.app import create_app
 from service.config import load_settings
-from service.testing import ThreadedServer, free_port, redis_server, sources_digest, untrained_bundle
+from service.testing import (
+    ThreadedServer,
+    free_port,
+    redis_server,
+    serve_process,
+    sources_digest,
+    untrained_bundle,
+    wait_ready,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -253,39 +261,8 @@ def _metric(client: httpx.Client, name: str, **labels) -> float:
 
 
 def _serve(bundle: Path, port: int, tmp_path: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "MML_EXPOSURE_LOG": str(tmp_path / "exposures.jsonl"), "MML_ADMIN_TOKEN": TOKEN}
-    for key in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "MML_ARMS_CONFIG"):
-        env.pop(key, None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mml.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        env=env,
-        cwd=REPO,
-    )
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "mml serve exited"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("mml serve did not become ready")
+    env = {"MML_EXPOSURE_LOG": str(tmp_path / "exposures.jsonl"), "MML_ADMIN_TOKEN": TOKEN}
+    return serve_process(bundle, port, "--log-level", "warning", *args, env=env, cwd=REPO)
 
 
 def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundles, tmp_path):
@@ -296,7 +273,7 @@ def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundle
     url = f"http://127.0.0.1:{port}"
     proc = _serve(current, port, tmp_path, "--workers", "2")
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         for i in range(40):  # one connection each: the kernel spreads them over both workers
             r = httpx.post(f"{url}/recall", json={"user_id": f"w{i}", "history": ["1193", "661"], "k": 10})
             assert r.status_code == 200
@@ -344,7 +321,7 @@ def test_real_server_sighup_reloads_the_bundle_a_symlink_points_to(bundles, tmp_
     url = f"http://127.0.0.1:{port}"
     proc = _serve(current, port, tmp_path)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         assert httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] == version(a)
         current.unlink()
         current.symlink_to(b)

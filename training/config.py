@@ -129,11 +129,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, nested dicts merged key by key (profile overrides)."""
     out = dict(base)
     for key, value in extra.items():
         out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+            merge_settings(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
         )
     return out
 
@@ -142,4 +145,4 @@ def profile(name: str, **overrides: Any) -> TrainConfig:
     """A named profile with nested overrides, e.g. profile("quick", seed=1, stage1={"loss": "ce"})."""
     if name not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {name!r}")
-    return TrainConfig.model_validate(_merge({"profile": name, **PROFILES[name]}, overrides))
+    return TrainConfig.model_validate(merge_settings({"profile": name, **PROFILES[name]}, overrides))

@@ -63,7 +63,7 @@ from training.checkpoint import read_stage, save_stage, stage_key, write_run_inf
 from training.config import Stage1Config, TrainConfig
 from training.data.split import Split
 from training.features.types import ItemFeatures
-from training.maml import evaluate, learner_parameters, learning_rate, meta_loss, stage1_tasks
+from training.maml import accumulate_meta_gradient, evaluate, learner_parameters, stage1_tasks, train_stage1
 from training.run import check_inputs, data_fingerprint, restrict
 from training.tasks import TaskBatch
 
@@ -142,20 +142,6 @@ def parameter_divergence(model: torch.nn.Module) -> float:
 
 
 # --- stage 1, sharded ----------------------------------------------------------------------------
-def local_meta_gradient(
-    model: MML, name: str, tasks: TaskBatch, meta_batch_size: int, cfg: Stage1Config, n_candidates: int
-) -> float:
-    """Accumulate into .grad this rank's part of a meta-batch's meta-gradient: each chunk weighted
-    len(chunk) / meta_batch_size (the single-process weights), so the sum over ranks is the mean over
-    the meta-batch. Returns the sum of the tasks' query losses. Does not step any optimiser."""
-    loss_sum = 0.0
-    for start in range(0, len(tasks), cfg.chunk):
-        part = tasks.rows(slice(start, start + cfg.chunk)).trimmed()
-        weight = len(part) / meta_batch_size
-        loss_sum += meta_loss(model, name, part.torch(), cfg, n_candidates, weight) * len(part)
-    return loss_sum
-
-
 def meta_gradient(
     model: MML, name: str, meta_batch: TaskBatch, cfg: Stage1Config, n_candidates: int
 ) -> float:
@@ -164,7 +150,7 @@ def meta_gradient(
     the meta-batch's summed query loss (all ranks)."""
     rank, world = rank_and_world()
     mine = meta_batch.rows(shard(len(meta_batch), rank, world))
-    loss_sum = local_meta_gradient(model, name, mine, len(meta_batch), cfg, n_candidates)
+    loss_sum = accumulate_meta_gradient(model, name, mine, len(meta_batch), cfg, n_candidates)
     all_reduce_gradients(learner_parameters(model, name))
     return loss_sum
 
@@ -191,46 +177,17 @@ def train_stage1_distributed(
     """`training.maml.train_stage1` over the ranks of the default process group (or one process):
     same tasks, same meta-batches, each meta-gradient computed in shards and all-reduced, the same
     Adam step on every rank. `rng` must be seeded alike on every rank. Same result dict."""
-    s1 = cfg.stage1
-    n_candidates = model.n_old_items  # stage 1 ranks old items only: new items never occur in D_old
-    optimisers = {
-        name: torch.optim.Adam(learner_parameters(model, name), lr=learning_rate(s1, name))
-        for name in LEARNERS
-    }
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in LEARNERS:
-        for p in learner_parameters(model, name):
-            p.requires_grad_(True)
-    initial = evaluate_sharded(model, eval_tasks, s1, n_candidates)
-    history: dict[str, list[float]] = {name: [] for name in LEARNERS}
-    model.train()
-    for epoch in range(s1.epochs):
-        tasks = stage1_tasks(old_seqs, cfg, n_candidates, rng)  # the same on every rank
-        sums = dict.fromkeys(LEARNERS, 0.0)
-        for start in range(0, len(tasks), s1.meta_batch):
-            meta_batch = tasks.rows(slice(start, start + s1.meta_batch))
-            meta_batch = meta_batch.rows(np.argsort(meta_batch.lengths(), kind="stable"))
-            local = {}
-            for name in LEARNERS:
-                optimisers[name].zero_grad(set_to_none=True)
-                local[name] = meta_gradient(model, name, meta_batch, s1, n_candidates)
-                optimisers[name].step()
-            for name, total in zip(LEARNERS, all_reduce_sum([local[n] for n in LEARNERS]), strict=True):
-                sums[name] += total
-            if report:
-                done = start + len(meta_batch)
-                info = " ".join(f"{n}={sums[n] / done:.4f}" for n in LEARNERS)
-                report(epoch, done, f"epoch {epoch + 1}/{s1.epochs} {info}")
-        for name in LEARNERS:
-            history[name].append(sums[name] / max(len(tasks), 1))
-    final = evaluate_sharded(model, eval_tasks, s1, n_candidates)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return {
-        name: {"initial_loss": initial[name], "final_loss": final[name], "epoch_losses": history[name]}
-        for name in LEARNERS
-    }
+    return train_stage1(
+        model,
+        old_seqs,
+        cfg,
+        eval_tasks,
+        rng,
+        report,
+        meta_gradient=meta_gradient,
+        evaluate_tasks=evaluate_sharded,
+        sum_losses=all_reduce_sum,
+    )
 
 
 # --- the run folder ------------------------------------------------------------------------------

@@ -237,6 +237,27 @@ def evaluate(model: MML, tasks: TaskBatch, cfg: Stage1Config, n_candidates: int)
     return out
 
 
+def accumulate_meta_gradient(
+    model: MML, name: str, tasks: TaskBatch, meta_batch_size: int, cfg: Stage1Config, n_candidates: int
+) -> float:
+    """Accumulate into .grad the meta-gradient of `tasks`, part of a meta-batch of `meta_batch_size`
+    tasks: chunks (they only bound memory) weighted len(chunk) / meta_batch_size, so the sum over the
+    parts of a meta-batch is its mean. Returns the tasks' summed query loss; steps no optimiser."""
+    loss_sum = 0.0
+    for start in range(0, len(tasks), cfg.chunk):
+        part = tasks.rows(slice(start, start + cfg.chunk)).trimmed()
+        weight = len(part) / meta_batch_size
+        loss_sum += meta_loss(model, name, part.torch(), cfg, n_candidates, weight) * len(part)
+    return loss_sum
+
+
+def meta_batch_gradient(
+    model: MML, name: str, meta_batch: TaskBatch, cfg: Stage1Config, n_candidates: int
+) -> float:
+    """The whole meta-batch's meta-gradient into .grad (one process); its summed query loss."""
+    return accumulate_meta_gradient(model, name, meta_batch, len(meta_batch), cfg, n_candidates)
+
+
 def train_stage1(
     model: MML,
     old_seqs: list[np.ndarray],
@@ -244,8 +265,13 @@ def train_stage1(
     eval_tasks: TaskBatch,
     rng: np.random.Generator,
     report: Callable[[int, int, str], None] | None = None,
+    meta_gradient: Callable[[MML, str, TaskBatch, Stage1Config, int], float] = meta_batch_gradient,
+    evaluate_tasks: Callable[[MML, TaskBatch, Stage1Config, int], dict[str, float]] = evaluate,
+    sum_losses: Callable[[list[float]], list[float]] = list,
 ) -> dict:
-    """Meta-train the three learners (each with its own Adam) on one task per old user per epoch."""
+    """Meta-train the three learners (each with its own Adam) on one task per old user per epoch.
+    `meta_gradient`, `evaluate_tasks` and `sum_losses` (the losses of one meta-batch, per learner)
+    are one process's by default; `training.distributed` passes sharded, all-reduced ones."""
     s1 = cfg.stage1
     n_candidates = model.n_old_items  # stage 1 ranks old items only: new items never occur in D_old
     optimisers = {
@@ -257,31 +283,31 @@ def train_stage1(
     for name in LEARNERS:
         for p in learner_parameters(model, name):
             p.requires_grad_(True)
-    initial = evaluate(model, eval_tasks, s1, n_candidates)
+    initial = evaluate_tasks(model, eval_tasks, s1, n_candidates)
     history: dict[str, list[float]] = {name: [] for name in LEARNERS}
     model.train()
     for epoch in range(s1.epochs):
-        tasks = stage1_tasks(old_seqs, cfg, n_candidates, rng)
+        tasks = stage1_tasks(old_seqs, cfg, n_candidates, rng)  # the same on every rank
         sums = dict.fromkeys(LEARNERS, 0.0)
         for start in range(0, len(tasks), s1.meta_batch):
             meta_batch = tasks.rows(slice(start, start + s1.meta_batch))
             # chunks only bound memory: sorting the meta-batch by length first changes nothing in the
             # meta-gradient (a sum over its tasks) but lets each chunk drop its all-pad columns
             meta_batch = meta_batch.rows(np.argsort(meta_batch.lengths(), kind="stable"))
+            losses = []
             for name in LEARNERS:
                 optimisers[name].zero_grad(set_to_none=True)
-                for c in range(0, len(meta_batch), s1.chunk):
-                    part = meta_batch.rows(slice(c, c + s1.chunk)).trimmed()
-                    weight = len(part) / len(meta_batch)
-                    sums[name] += meta_loss(model, name, part.torch(), s1, n_candidates, weight) * len(part)
+                losses.append(meta_gradient(model, name, meta_batch, s1, n_candidates))
                 optimisers[name].step()
+            for name, total in zip(LEARNERS, sum_losses(losses), strict=True):
+                sums[name] += total
             if report:
                 done = start + len(meta_batch)
                 info = " ".join(f"{n}={sums[n] / done:.4f}" for n in LEARNERS)
                 report(epoch, done, f"epoch {epoch + 1}/{s1.epochs} {info}")
         for name in LEARNERS:
             history[name].append(sums[name] / max(len(tasks), 1))
-    final = evaluate(model, eval_tasks, s1, n_candidates)
+    final = evaluate_tasks(model, eval_tasks, s1, n_candidates)
     for p in model.parameters():
         p.requires_grad_(True)
     return {

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mml.errors import MMLError
+from training.config import merge_settings
 from training.evaluation.protocol import Method, TrainData, Validator
 
 ROWS: dict[str, tuple[str, str]] = {  # row -> (run kind, stage-1 loss)
@@ -57,15 +58,6 @@ ROW_TRAINING: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
 def train_config(kind: str, profile: str, loss: str, seed: int, overrides: dict[str, Any] | None = None):
     """The TrainConfig of a run: the named profile, `overrides` (tests), then the row's own settings."""
     from training.config import profile as make_profile
@@ -73,7 +65,7 @@ def train_config(kind: str, profile: str, loss: str, seed: int, overrides: dict[
     settings: dict[str, Any] = {"seed": seed, "stage1": {"loss": loss}}
     if kind == "ptft":
         settings["stage1"]["inner_steps"] = 0  # no local update: plain multi-task pre-training
-    return make_profile(profile, **_merge(overrides or {}, settings))
+    return make_profile(profile, **merge_settings(overrides or {}, settings))
 
 
 def training_split(data: TrainData):
@@ -126,7 +118,7 @@ class MMLRow(Method):
         if data.work_dir is None:
             raise MMLError(f"{self.name}: needs a work folder for its training run")
         suffix, extra = ROW_TRAINING.get(self.name, ("", {}))
-        overrides = _merge(self.overrides or {}, extra)
+        overrides = merge_settings(self.overrides or {}, extra)
         cfg = train_config(self.kind, self.train_profile, self.loss, data.seed, overrides)
         profile_name = f"{self.train_profile}-{suffix}" if suffix else self.train_profile
         run_dir = Path(data.work_dir) / f"{self.kind}-{self.loss}-{profile_name}-seed{data.seed}"
