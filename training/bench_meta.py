@@ -26,11 +26,17 @@ from training.synthetic import synthetic
 from training.tasks import TaskBatch, make_tasks, sample_windows
 
 
-def _tasks_per_second(step: Callable[[], None], n_tasks: int, repeats: int) -> float:
+def _tasks_per_second(step: Callable[[], None], n_tasks: int, repeats: int, device: torch.device) -> float:
+    def synchronize() -> None:  # GPU kernels run asynchronously: time them to completion
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     step()  # warm-up (allocations, first-call overheads)
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         step()
+    synchronize()
     return n_tasks * repeats / (time.perf_counter() - start)
 
 
@@ -44,42 +50,50 @@ def run(
     learner: str = "id",
     threads: int = 1,
     seed: int = 0,
+    device: str = "cpu",
+    chunk: int | None = None,
+    first_order: bool = True,
 ) -> dict:
-    """`mml bench` entry point (`context` = its shared options; none are needed here)."""
+    """`mml bench` entry point (`context` = its shared options; none are needed here).
+
+    `device="cuda"` runs both paths on a GPU (`python -m training.bench_meta --device cuda`); `make
+    bench` measures the CPU of the machine it runs on."""
     if learner not in LEARNERS:
         raise ValueError(f"learner must be one of {LEARNERS}")
+    dev = torch.device(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        cfg, s1 = ModelConfig(), Stage1Config()
+        cfg = ModelConfig()
+        s1 = Stage1Config(first_order=first_order, **({} if chunk is None else {"chunk": chunk}))
         n_old = n_items - n_items // 20
         split, feats = synthetic(
             n_items=n_items, n_old_items=n_old, n_old_users=batched_tasks, min_len=60, max_len=120, seed=seed
         )
-        model = MML(cfg, n_old, feats.text, feats.image, feats.image_mask).train()
+        model = MML(cfg, n_old, feats.text, feats.image, feats.image_mask).to(dev).train()
         rng = np.random.default_rng(seed)
         windows = sample_windows(split.old_seqs, rng, "sampled", 10, cfg.max_len + 1)
         tasks = make_tasks(windows, cfg.max_len, n_old, rng)
         tasks = tasks.rows(np.argsort(tasks.lengths(), kind="stable"))  # as train_stage1 does
         chunks = [
-            tasks.rows(slice(c, c + s1.chunk)).trimmed().torch() for c in range(0, len(tasks), s1.chunk)
+            tasks.rows(slice(c, c + s1.chunk)).trimmed().torch(dev) for c in range(0, len(tasks), s1.chunk)
         ]
         # the loop gets an evenly spread sample of the same tasks (short and long ones alike)
         sample: TaskBatch = tasks.rows(np.linspace(0, len(tasks) - 1, looped_tasks).round().astype(int))
-        looped_batch = sample.torch()
+        looped_batch = sample.torch(dev)
 
         def batched() -> None:
             model.zero_grad(set_to_none=True)
-            for chunk in chunks:
-                meta_loss(model, learner, chunk, s1, n_old, backward_weight=len(chunk["seq"]) / len(tasks))
+            for part in chunks:
+                meta_loss(model, learner, part, s1, n_old, backward_weight=len(part["seq"]) / len(tasks))
 
         def looped() -> None:
             model.zero_grad(set_to_none=True)
             meta_loss_looped(model, learner, looped_batch, s1, n_old, backward_weight=1.0)
 
-        fast = _tasks_per_second(batched, len(tasks), repeats)
-        slow = _tasks_per_second(looped, looped_tasks, repeats)
+        fast = _tasks_per_second(batched, len(tasks), repeats, dev)
+        slow = _tasks_per_second(looped, looped_tasks, repeats, dev)
     finally:
         torch.set_num_threads(before)
     return {
@@ -90,12 +104,41 @@ def run(
             f"learner={learner} d={cfg.d} layers={cfg.n_layers} heads={cfg.n_heads} max_len={cfg.max_len} "
             f"inner_steps={s1.inner_steps} first_order={s1.first_order} loss={s1.loss} chunk={s1.chunk} "
             f"windows=sampled 10..51 items={n_items} tasks(batched/looped)={len(tasks)}/{looped_tasks} "
-            f"threads={threads} device=cpu"
+            f"threads={threads} device={_device_name(dev)}"
         ),
     }
 
 
+def _device_name(dev: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
+
+
 if __name__ == "__main__":
+    import argparse
     import json
 
-    print(json.dumps(run(), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batched-tasks", type=int, default=256)
+    parser.add_argument("--looped-tasks", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--chunk", type=int, default=None, help="tasks per vmapped chunk (default: Stage1Config)"
+    )
+    parser.add_argument("--second-order", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    print(
+        json.dumps(
+            run(
+                device=args.device,
+                batched_tasks=args.batched_tasks,
+                looped_tasks=args.looped_tasks,
+                repeats=args.repeats,
+                threads=args.threads,
+                chunk=args.chunk,
+                first_order=not args.second_order,
+            ),
+            indent=2,
+        )
+    )
