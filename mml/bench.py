@@ -71,6 +71,7 @@ def run_all(out: Path, only: list[str] | None = None, context: dict | None = Non
         if name in results
     }
     results["_machine"] = {
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -78,6 +79,17 @@ def run_all(out: Path, only: list[str] | None = None, context: dict | None = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
+
+
+def _cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo): latency figures are only comparable on the same one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def register(groups: dict[str, typer.Typer]) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from training.evaluation.mml_rows import ROWS, MMLRow, training_split
 from training.evaluation.protocol import evaluate, train_data
+from training.evaluation.runner import OPTIONAL_ROWS
 from training.synthetic import synthetic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +59,7 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
     split, features = _split()
     results = {}
     for name in ROWS:
-        if name in ("mml_ce", "mml_ce_long"):  # the same code path as mml, other training settings
+        if name in OPTIONAL_ROWS:  # the same code paths as mml / mml_id, other training settings
             continue
         method = RecordingRow(name, "quick", overrides=TINY)
         results[name] = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
@@ -70,3 +71,16 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
     # one MML run and one PT-FT run were trained; the ablations reused the MML run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mml-bpr-quick-seed0", "ptft-bpr-quick-seed0"]
     assert results["mml_zero_shot"].info["warmup_steps"] == 0 and results["mml"].info["warmup_steps"] == 1
+
+
+def test_query_share_rows_share_one_run_trained_with_most_targets_as_query(tmp_path) -> None:
+    import json
+
+    split, features = _split()
+    for name in ("mml_q", "mml_id_q"):
+        method = RecordingRow(name, "quick", overrides=TINY)
+        result = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
+        assert 0.0 <= result.means()["recall@20"] <= 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["mml-bpr-quick-q-seed0"]
+    config = json.loads((tmp_path / "mml-bpr-quick-q-seed0" / "config.json").read_text())
+    assert config["tasks"]["query_share"] == 0.8

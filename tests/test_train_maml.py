@@ -64,6 +64,23 @@ def test_second_order_differs_from_first_order(setup):
     assert any(not torch.allclose(a, b) for a, b in zip(first, second, strict=True))
 
 
+@pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
+def test_batched_equals_loop_with_several_query_targets(setup, first_order: bool):
+    """TaskConfig.query_share > 0: each task's query holds its last targets (mean over them)."""
+    model, _, n_old = setup
+    split, _ = synthetic(n_old_users=8)
+    rng = np.random.default_rng(1)
+    windows = sample_windows(split.old_seqs[:5], rng, "sampled", 6, CFG.max_len + 1)
+    tasks = make_tasks(windows, CFG.max_len, n_old, rng, query_share=0.5).torch()
+    assert (tasks["query"].sum(1) > 1).all()
+    cfg = Stage1Config(first_order=first_order, inner_steps=2, inner_lr=0.5)
+    loss_b, batched = _grads(model, "id", meta_loss, tasks, cfg, n_old)
+    loss_l, looped = _grads(model, "id", meta_loss_looped, tasks, cfg, n_old)
+    assert loss_b == pytest.approx(loss_l, rel=1e-10)
+    for a, b in zip(batched, looped, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_meta_gradient_is_taken_at_the_adapted_weights(setup):
     """With zero local steps the meta-gradient is the plain query gradient; with steps it differs."""
     model, tasks, n_old = setup

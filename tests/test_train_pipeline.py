@@ -85,3 +85,22 @@ def test_cli_refuses_a_bad_profile(tmp_path):
     )
     assert result.exit_code != 0
     assert "profile" in str(result.exception) + result.output
+
+
+def test_set_overrides_are_parsed_into_nested_settings_and_validated():
+    from pydantic import ValidationError
+
+    from mml.errors import MMLError
+    from training.cli import parse_settings
+    from training.config import profile
+
+    settings = parse_settings(["stage1.epochs=7", "tasks.query_share=0.5", "tasks.window=recent"])
+    assert settings == {"stage1": {"epochs": 7}, "tasks": {"query_share": 0.5, "window": "recent"}}
+    cfg = profile("quick", **settings)
+    assert (cfg.stage1.epochs, cfg.tasks.query_share, cfg.tasks.window) == (7, 0.5, "recent")
+    with pytest.raises(ValidationError, match="epochz"):
+        profile("quick", **parse_settings(["stage1.epochz=3"]))
+    with pytest.raises(ValidationError, match="query_share"):
+        profile("quick", **parse_settings(["tasks.query_share=1.5"]))
+    with pytest.raises(MMLError, match="KEY=VALUE"):
+        parse_settings(["stage1.epochs"])

@@ -22,6 +22,36 @@ def test_task_support_is_every_prefix_and_query_is_the_last_item():
     assert trimmed.seq.shape == (1, 3)
 
 
+@pytest.mark.parametrize(
+    ("share", "support", "query"),
+    [
+        (0.0, [1, 1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0, 0, 1]),  # the paper: the last item
+        (0.5, [1, 1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 1]),  # round(0.5 * 9) = 4 targets
+        (0.99, [1, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1]),  # one support pair stays
+    ],
+)
+def test_query_share_moves_the_last_targets_from_support_to_query(share, support, query):
+    tasks = make_tasks(
+        [np.arange(1, 11)], max_len=10, n_candidates=20, rng=np.random.default_rng(0), query_share=share
+    )
+    assert tasks.seq[0].tolist() == [*range(1, 10), 0]
+    assert tasks.support[0, :9].astype(int).tolist() == support
+    assert tasks.query[0, :9].astype(int).tolist() == query
+    assert not (tasks.support & tasks.query).any() and not tasks.query[0, 9] and not tasks.support[0, 9]
+
+
+def test_query_share_keeps_one_query_and_one_support_pair_in_short_windows():
+    tasks = make_tasks(
+        [np.array([4, 5, 6])], max_len=4, n_candidates=9, rng=np.random.default_rng(0), query_share=0.9
+    )
+    assert tasks.support[0].tolist() == [True, False, False, False]
+    assert tasks.query[0].tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="query share"):
+        make_tasks(
+            [np.array([4, 5, 6])], max_len=4, n_candidates=9, rng=np.random.default_rng(0), query_share=1.0
+        )
+
+
 def test_negatives_are_uniform_candidates_never_the_target():
     rng = np.random.default_rng(0)
     target = rng.integers(1, 6, size=(200, 30))

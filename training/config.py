@@ -31,6 +31,13 @@ class TaskConfig(_Frozen):
         10, ge=3, description="shortest sampled window (items incl. the query); 10 = a new user's length"
     )
     max_len: int | None = Field(None, ge=3, description="longest window; None (or more) = model max_len + 1")
+    query_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of a window's targets in the query set (the last ones); 0 = the last item only "
+        "(paper, reference). Gamma (item embeddings) learns only from query targets (docs/model.md)",
+    )
 
 
 class Stage1Config(_Frozen):

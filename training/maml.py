@@ -219,7 +219,9 @@ def stage1_tasks(
     """One task per old user (shuffled), windows as configured."""
     windows = sample_windows(old_seqs, rng, cfg.tasks.window, cfg.tasks.min_len, cfg.window_max)
     order = rng.permutation(len(windows))
-    return make_tasks([windows[i] for i in order], cfg.model.max_len, n_candidates, rng)
+    return make_tasks(
+        [windows[i] for i in order], cfg.model.max_len, n_candidates, rng, cfg.tasks.query_share
+    )
 
 
 def evaluate(model: MML, tasks: TaskBatch, cfg: Stage1Config, n_candidates: int) -> dict[str, float]:

@@ -133,7 +133,7 @@ def _eval_windows(tasks: TaskBatch, length: int) -> np.ndarray:
     for seq, target, query in zip(tasks.seq, tasks.target, tasks.query, strict=True):
         if not query.any():
             continue
-        end = int(query.argmax())
+        end = int(np.flatnonzero(query)[-1])  # the window's last target (the query may hold several)
         items = np.concatenate([seq[: end + 1], target[end : end + 1]])
         if len(items) >= length:
             rows.append(items[-length:])

@@ -2,8 +2,12 @@
 
     input    x = (w_1 .. w_{n-1}) right-padded to max_len, one causal pass gives every prefix
     target   y = (w_2 .. w_n)
-    support  positions 0 .. n-3: the prefix -> next-item pairs <w_1..w_j> -> w_{j+1}, j < n-1
-    query    position n-2: <w_1 .. w_{n-1}> -> w_n (the last item)
+    support  positions 0 .. n-q-2: the prefix -> next-item pairs <w_1..w_j> -> w_{j+1}, j < n-q
+    query    positions n-q-1 .. n-2: the last q items, each predicted from every item before it
+
+q = 1 (the last item) is the paper's and the reference code's task; `TaskConfig.query_share` > 0
+makes the query the last round(share * (n - 1)) targets (at least 1, leaving at least one support
+pair), so the global update of Gamma sees more than one target per user and epoch.
 
 A meta-training window is cut from an old user's D_old history (TaskConfig): `sampled` draws, each
 epoch, a contiguous window with a length uniform in [min_len, max_len] at a uniform position;
@@ -26,7 +30,7 @@ class TaskBatch:
     target: np.ndarray  # (B, L) int64 next item at every position (0 where none)
     negative: np.ndarray  # (B, L) int64 one sampled negative per position (BPR)
     support: np.ndarray  # (B, L) bool positions of the support set
-    query: np.ndarray  # (B, L) bool position of the query (at most one per row)
+    query: np.ndarray  # (B, L) bool positions of the query (the last q targets of each row)
 
     def __len__(self) -> int:
         return self.seq.shape[0]
@@ -78,8 +82,20 @@ def sample_negatives(target: np.ndarray, n_candidates: int, rng: np.random.Gener
     return np.where(target > 0, neg, 0).astype(np.int64)
 
 
+def query_size(n: int, share: float) -> int:
+    """Query targets of a window of n items: 1 for share 0, else round(share * (n - 1)) within
+    1 .. n - 2 (the window has n - 1 targets, at least one of which stays in the support set)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"query share must be in [0, 1), got {share}")
+    return min(max(1, round(share * (n - 1))), n - 2)
+
+
 def make_tasks(
-    windows: list[np.ndarray], max_len: int, n_candidates: int, rng: np.random.Generator
+    windows: list[np.ndarray],
+    max_len: int,
+    n_candidates: int,
+    rng: np.random.Generator,
+    query_share: float = 0.0,
 ) -> TaskBatch:
     """Windows (each 3 .. max_len+1 items) -> a TaskBatch of one task per window."""
     batch = len(windows)
@@ -91,10 +107,11 @@ def make_tasks(
         n = len(window)
         if not MIN_TASK_LEN <= n <= max_len + 1:
             raise ValueError(f"a task window must hold 3..{max_len + 1} items, got {n}")
+        q = query_size(n, query_share)
         seq[row, : n - 1] = window[:-1]
         target[row, : n - 1] = window[1:]
-        support[row, : n - 2] = True
-        query[row, n - 2] = True
+        support[row, : n - 1 - q] = True
+        query[row, n - 1 - q : n - 1] = True
     return TaskBatch(seq, target, sample_negatives(target, n_candidates, rng), support, query)
 
 

@@ -8,6 +8,9 @@ then each row scores differently:
 |----------------|------------------------------|--------------------------------------------------------------|
 | mml            | MML, stage-1 loss BPR        | fused scores after the warm-up (cfg.warmup.steps)            |
 | mml_ce         | MML, stage-1 loss CE         | the same                                                      |
+| mml_q          | MML (BPR), query = last 80 % | fused scores after the warm-up                                |
+| mml_ce_q       | MML (CE), query = last 80 %  | the same                                                      |
+| mml_id_q       | MML (BPR), query = last 80 % | the ID learner's scores alone                                 |
 | mml_zero_shot  | MML (BPR)                    | fused scores with 0 warm-up steps (the global parameters)    |
 | no_gen         | MML (BPR)                    | new items' ID rows = random N(0, init_std) instead of generated |
 | no_fusion      | MML (BPR)                    | average of the three learners' standardised scores (Eq. 9 without the learned affine, A = 1/3) |
@@ -49,12 +52,22 @@ ROWS: dict[str, tuple[str, str]] = {  # row -> (run kind, stage-1 loss)
     "mml_id": ("mml", "bpr"),
     "pt_ft": ("ptft", "bpr"),
     "mml_ce_long": ("mml", "ce"),
+    "mml_q": ("mml", "bpr"),
+    "mml_ce_q": ("mml", "ce"),
+    "mml_id_q": ("mml", "bpr"),
 }
 # Rows whose training differs from the profile's beyond the loss: (run-name suffix, settings).
 # mml_ce_long: stage 1 with 10 meta-epochs instead of the quick profile's 2 (840 Adam steps per
 # learner on ML-1M, about SASRec's budget in the quick evaluation profile): is MML's gap budget?
+# mml_q / mml_ce_q / mml_id_q: the query set of each meta-training task is the last 80 % of its
+# targets instead of the last item (TaskConfig.query_share): the item embeddings Gamma learn only from
+# query targets, one per user and epoch in the paper's tasks (docs/model.md, "query share").
+QUERY_SHARE = 0.8
 ROW_TRAINING: dict[str, tuple[str, dict[str, Any]]] = {
     "mml_ce_long": ("long", {"stage1": {"epochs": 10}}),
+    "mml_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
+    "mml_ce_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
+    "mml_id_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
 }
 
 
@@ -155,7 +168,7 @@ class MMLRow(Method):
         for _rows, fused, per_learner in warm_scores(
             self.model, state, history, self.cfg, self.steps, seed=0
         ):
-            if self.name == "mml_id":
+            if self.name in ("mml_id", "mml_id_q"):
                 scores = per_learner["id"]
             elif self.name == "no_fusion":
                 scores = _average(per_learner)

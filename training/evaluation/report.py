@@ -39,6 +39,9 @@ LABELS = {
     "mml_zero_shot": "MML (0 warm-up steps)",
     "mml_ce": "MML (CE loss)",
     "mml_ce_long": "MML (CE loss, 10 stage-1 epochs)",
+    "mml_q": "MML (query = last 80 %)",
+    "mml_ce_q": "MML (CE loss, query = last 80 %)",
+    "mml_id_q": "MML<sub>ID</sub> (query = last 80 %)",
 }
 SETTING_LABELS = {"cold_users": "cold users", "cold_users_items": "cold users + cold items (10%)"}
 ABLATION_METRICS = ("mrr@10", "ndcg@10")  # the paper's Table 4

@@ -35,8 +35,9 @@ SETTINGS: tuple[str, ...] = ("cold_users", "cold_users_items")
 COLD_ITEMS_FRACTION = 0.1  # the second setting: `mml data prepare --cold-items 0.1`
 BASELINES: tuple[str, ...] = ("pop", "itemknn", "sasrec", "gru4rec", "full_retrain", "pt_ft")
 MML_ROWS: tuple[str, ...] = ("mml", "no_gen", "no_fusion", "mml_id", "mml_zero_shot")
-# MML trained with full-softmax CE instead of BPR; the same with 5x the stage-1 meta-epochs
-OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce", "mml_ce_long")
+# MML trained with full-softmax CE instead of BPR; the same with 5x the stage-1 meta-epochs; MML
+# (BPR, CE, ID learner alone) with 80 % of each task's targets in its query set (mml_rows.py)
+OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce", "mml_ce_long", "mml_q", "mml_ce_q", "mml_id_q")
 METHODS: tuple[str, ...] = BASELINES + MML_ROWS
 ALL_METHODS: tuple[str, ...] = METHODS + OPTIONAL_ROWS
 
