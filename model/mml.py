@@ -74,6 +74,11 @@ class MML(nn.Module):
         self.generator = Generator(cfg)
         self.fusion = Fusion(cfg)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (batches are built there)."""
+        return self.item_emb.weight.device
+
     # --- learners -------------------------------------------------------------------------------
     def learner(self, name: str) -> Learner:
         if name not in LEARNERS:

@@ -104,3 +104,30 @@ def test_set_overrides_are_parsed_into_nested_settings_and_validated():
         profile("quick", **parse_settings(["tasks.query_share=1.5"]))
     with pytest.raises(MMLError, match="KEY=VALUE"):
         parse_settings(["stage1.epochs"])
+
+
+def test_device_setting_is_validated_and_a_missing_gpu_is_a_clear_error(tmp_path):
+    from pydantic import ValidationError
+
+    from mml.errors import MMLError
+
+    with pytest.raises(ValidationError, match="device"):
+        _config(device="gpu")
+    assert _config(device="cuda:1").device == "cuda:1"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error case cannot happen here")
+    split, features = synthetic(n_old_users=48)
+    with pytest.raises(MMLError, match="no CUDA device"):
+        train(split, features, tmp_path, _config(device="cuda"), show_progress=False)
+
+
+def test_checkpoints_hold_cpu_tensors_and_device_is_not_part_of_the_stage_key(trained):
+    from training.checkpoint import read_stage, stage_key
+
+    out, metrics = trained
+    assert (
+        metrics["device"] == "cpu" and 0.05 < metrics["peak_rss_gib"] < 24 and "peak_gpu_gib" not in metrics
+    )
+    state = read_stage(out, 3)["state"]
+    assert all(t.device.type == "cpu" for t in state.values())
+    assert stage_key(_config(), "data", 3) == stage_key(_config(device="cuda"), "data", 3)

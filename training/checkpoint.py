@@ -69,7 +69,7 @@ def save_stage(run_dir: Path, stage: int, key: str, model: MML, cfg: TrainConfig
             "key": key,
             "config": cfg.model_dump(mode="json"),
             "n_old_items": model.n_old_items,
-            "state": model.state_dict(),
+            "state": {k: v.cpu() for k, v in model.state_dict().items()},  # loadable without the device
             "losses": losses,
         },
         tmp,

@@ -25,6 +25,7 @@ def train(
         help="override one setting of the profile, KEY=VALUE with a dotted key of TrainConfig "
         "(training/config.py) and a JSON value, e.g. --set stage1.epochs=10 --set tasks.query_share=0.5",
     ),
+    device: str | None = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Three-stage meta-training of MML: learners (MAML), generator, fusion. Resumes finished stages."""
@@ -52,6 +53,8 @@ def train(
         overrides["seed"] = seed
     if loss is not None:
         overrides.setdefault("stage1", {})["loss"] = loss
+    if device is not None:
+        overrides["device"] = device
     try:
         cfg = make_profile(profile, **overrides)
     except ValidationError as exc:

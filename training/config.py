@@ -117,6 +117,13 @@ class TrainConfig(_Frozen):
         256, ge=1, description="fixed tasks on which each stage's loss is measured before/after"
     )
     threads: int = Field(2, ge=1, description="torch CPU threads")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="where training runs: cpu, cuda or cuda:N (checkpoints are written as CPU tensors; "
+        "not part of a stage's key, so a run resumes across devices). Results on a GPU are not bit-equal "
+        "to the CPU's",
+    )
 
     @property
     def window_max(self) -> int:

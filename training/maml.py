@@ -233,7 +233,7 @@ def evaluate(model: MML, tasks: TaskBatch, cfg: Stage1Config, n_candidates: int)
         losses = []
         for start in range(0, len(tasks), cfg.chunk):
             part = tasks.rows(slice(start, start + cfg.chunk)).trimmed()
-            losses.append(meta_loss(model, name, part.torch(), cfg, n_candidates) * len(part))
+            losses.append(meta_loss(model, name, part.torch(model.device), cfg, n_candidates) * len(part))
         out[name] = sum(losses) / len(tasks)
     model.train(was_training)
     return out
@@ -249,7 +249,7 @@ def accumulate_meta_gradient(
     for start in range(0, len(tasks), cfg.chunk):
         part = tasks.rows(slice(start, start + cfg.chunk)).trimmed()
         weight = len(part) / meta_batch_size
-        loss_sum += meta_loss(model, name, part.torch(), cfg, n_candidates, weight) * len(part)
+        loss_sum += meta_loss(model, name, part.torch(model.device), cfg, n_candidates, weight) * len(part)
     return loss_sum
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mml.errors import DataError
+from mml.errors import DataError, MMLError
 from mml.progress import progress
 from model.mml import MML
 from training.checkpoint import STAGES, model_from_state, read_stage, save_stage, stage_key, write_run_info
@@ -90,6 +90,24 @@ def check_inputs(split: Split, features: ItemFeatures, cfg: TrainConfig) -> None
         )
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process so far (Linux: ru_maxrss in KiB) and, on a GPU, the peak
+    of torch's allocations there, in GiB."""
+    import resource
+
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
+def device_of(cfg: TrainConfig) -> torch.device:
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MMLError(f"device={cfg.device}: torch sees no CUDA device on this machine")
+    return device
+
+
 def train(
     split: Split,
     features: ItemFeatures,
@@ -124,6 +142,7 @@ def train(
     else:
         torch.manual_seed(cfg.seed)
         model = MML(cfg.model, split.n_old_items, features.text, features.image, features.image_mask)
+    model.to(device_of(cfg))
     losses = {f"stage{stage}": ckpt["losses"] for stage, ckpt in done.items()}
 
     eval_rng = np.random.default_rng([cfg.seed, 0])
@@ -180,6 +199,7 @@ def train(
         "profile": cfg.profile,
         "seed": cfg.seed,
         "loss": cfg.stage1.loss,
+        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
         "n_old_users": len(split.old_seqs),
         "n_new_users": len(split.new_users),
         "n_items": split.n_items,
@@ -188,6 +208,7 @@ def train(
         **losses,
         "validation": validation,
         "wall_s": round(time.perf_counter() - started, 1),
+        **peak_memory(model.device),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

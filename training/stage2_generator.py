@@ -23,10 +23,11 @@ from training.tasks import TaskBatch
 
 
 def forget_mask(model: MML, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """(N+1,) bool: each old item with probability `rate` (pad and new items never)."""
+    """(N+1,) bool: each old item with probability `rate` (pad and new items never). Drawn on the CPU
+    (the same masks on every device), then moved to the model's device."""
     mask = torch.zeros(model.n_items + 1, dtype=torch.bool)
     mask[1 : model.n_old_items + 1] = torch.rand(model.n_old_items, generator=generator) < rate
-    return mask
+    return mask.to(model.device)
 
 
 def generator_loss(model: MML, batch: dict[str, torch.Tensor], forget: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def evaluate(model: MML, tasks: TaskBatch, forget: torch.Tensor, chunk: int) -> 
     with torch.no_grad():
         for start in range(0, len(tasks), chunk):
             part = tasks.rows(slice(start, start + chunk)).trimmed()
-            total += float(generator_loss(model, part.torch(), forget)) * len(part)
+            total += float(generator_loss(model, part.torch(model.device), forget)) * len(part)
     return total / len(tasks)
 
 
@@ -72,7 +73,8 @@ def train_stage2(
         total = 0.0
         for start in range(0, len(tasks), s2.batch):
             part = tasks.rows(slice(start, start + s2.batch)).trimmed()
-            loss = generator_loss(model, part.torch(), forget_mask(model, s2.forget_rate, torch_rng))
+            forget = forget_mask(model, s2.forget_rate, torch_rng)
+            loss = generator_loss(model, part.torch(model.device), forget)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -33,7 +33,7 @@ def fusion_windows(old_seqs: list[np.ndarray], length: int, rng: np.random.Gener
 def frozen_tables(model: MML) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """What stays fixed through stage 3: generated ID rows of every item (N+1, d) and the text and
     image learners' item vectors."""
-    generated = model.generate(torch.arange(model.n_items + 1))
+    generated = model.generate(torch.arange(model.n_items + 1, device=model.device))
     return generated, {name: model.item_table(name) for name in ("text", "image")}
 
 
@@ -51,8 +51,9 @@ def fusion_loss(
         id_table = model.with_generated(forget, generated)
     tables = {"id": id_table, **feature_tables}
     inputs = windows[:, :-1]
-    support = support_tasks(inputs, cfg.model.max_len, model.n_items, rng).trimmed().torch()
-    seq = torch.as_tensor(pad_sequences(inputs, inputs.shape[1]))  # windows hold no padding
+    device = model.device
+    support = support_tasks(inputs, cfg.model.max_len, model.n_items, rng).trimmed().torch(device)
+    seq = torch.as_tensor(pad_sequences(inputs, inputs.shape[1]), device=device)  # windows hold no padding
     w = cfg.warmup
     hidden = {
         name: adapted_hidden(
@@ -61,7 +62,7 @@ def fusion_loss(
         for name in LEARNERS
     }
     fused, _ = model.fuse(hidden, seq > 0, tables=tables)
-    return F.cross_entropy(fused, torch.as_tensor(windows[:, -1], dtype=torch.long))
+    return F.cross_entropy(fused, torch.as_tensor(windows[:, -1], dtype=torch.long, device=device))
 
 
 def evaluate(

@@ -84,9 +84,9 @@ def warm_scores(
             tables = model.item_tables()
         for start in range(0, len(seqs), cfg.warmup.chunk):
             rows = slice(start, min(start + cfg.warmup.chunk, len(seqs)))
-            support = tasks.rows(rows).trimmed().torch()
+            support = tasks.rows(rows).trimmed().torch(model.device)
             seq = torch.as_tensor(
-                seqs[rows][:, : max(int((seqs[rows] > 0).sum(axis=1).max()), 1)]
+                seqs[rows][:, : max(int((seqs[rows] > 0).sum(axis=1).max()), 1)], device=model.device
             )  # no pad columns
             hidden = {
                 name: adapted_hidden(
@@ -120,7 +120,7 @@ def validation_summary(
     for rows, fused, per_learner in warm_scores(model, support_items, support_items, cfg, steps):
         targets = np.asarray(valid_items[rows])
         for key, scores in (("fused", fused), *per_learner.items()):
-            values = per_user_metrics(scores.numpy(), targets, names)
+            values = per_user_metrics(scores.cpu().numpy(), targets, names)
             for n in names:
                 per_user[key][n].append(values[n])
     return {
