@@ -324,7 +324,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         start = time.perf_counter()
         body = body or ReloadRequest()
         served = service.reload(body.path, body.arm)
-        return ReloadResponse(reloaded=served, seconds=round(time.perf_counter() - start, 3))
+        workers = service.group.workers if service.group is not None else 1
+        return ReloadResponse(reloaded=served, seconds=round(time.perf_counter() - start, 3), workers=workers)
 
     # probes run on the event loop: they must not queue behind work in the thread pool
     @app.get("/healthz", tags=["ops"])

@@ -43,6 +43,12 @@ def register(groups: dict[str, typer.Typer]) -> None:
             os.environ["MML_ARMS_CONFIG"] = str(arms.absolute())
         if redis_url is not None:
             os.environ["REDIS_URL"] = redis_url
+        control_dir = None
+        if workers > 1:  # what the workers serve, so that a reload reaches all of them (service/workers.py)
+            from service.workers import WorkerGroup
+
+            control_dir = tempfile.mkdtemp(prefix="mml-control-")
+            os.environ.update(WorkerGroup.create(Path(control_dir), bundle, workers).environment())
         own_metrics_dir = None
         if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             own_metrics_dir = tempfile.mkdtemp(prefix="mml-metrics-")
@@ -68,8 +74,9 @@ def register(groups: dict[str, typer.Typer]) -> None:
                 timeout_worker_healthcheck=startup_timeout,
             )
         finally:
-            if own_metrics_dir:
-                shutil.rmtree(own_metrics_dir, ignore_errors=True)
+            for folder in (own_metrics_dir, control_dir):
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     @groups["ab"].command("srm")
     def srm(

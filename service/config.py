@@ -23,6 +23,15 @@ class ServiceSettings(BaseSettings):
     arms_config: Path | None = Field(None, alias="MML_ARMS_CONFIG")
     """A/B arms (YAML or JSON, see service/ab.py). Unset: one arm `mml`, weight 1, the default bundle."""
 
+    # --- several workers (set by `mml serve --workers N`, service/workers.py) ----------------------
+    control_dir: Path | None = Field(None, alias="MML_CONTROL_DIR")
+    """Folder naming what the workers of one replica serve; a reload is written there, then every
+    worker is replaced. Unset (one process): a reload swaps the bundle in place."""
+    supervisor_pid: int | None = Field(None, alias="MML_SUPERVISOR_PID")
+    """The uvicorn supervisor that replaces the workers on SIGHUP."""
+    workers: int = Field(1, alias="MML_WORKERS", ge=1)
+    """Worker processes of this replica (reported by POST /admin/reload)."""
+
     # --- top-k stage -----------------------------------------------------------------------------
     topk: TopKConfig = Field(default_factory=TopKConfig, alias="MML_TOPK")
     """How /recall selects the k best items (service/topk.py, fields documented there): exact by

@@ -42,6 +42,7 @@ from service.schemas import (
 )
 from service.store import ItemRecord, StoreUnavailable, make_store
 from service.topk import TopKConfig
+from service.workers import worker_group
 
 log = logging.getLogger("mml.service")
 
@@ -121,13 +122,15 @@ class RecallService:
         )
         self.deployment: Deployment | None = None
         self._reload_lock = threading.Lock()
+        self.group = worker_group(settings.control_dir, settings.supervisor_pid, settings.workers)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     def load(self) -> None:
         if self.settings.bundle is None:
             raise MMLError("no bundle to serve: set MML_BUNDLE or pass --bundle")
-        config = load_arms(self.settings.arms_config)
+        arms_file = (self.group.arms_override() if self.group else None) or self.settings.arms_config
+        config = load_arms(arms_file)
         self._swap(build_deployment(config, self.settings.bundle, self.registry, topk=self.settings.topk))
 
     @property
@@ -173,6 +176,21 @@ class RecallService:
             self._swap(new)
             metrics.RELOADS.labels(result="ok").inc()
             log.info("reloaded: %s", {n: a.pipeline.model_version for n, a in new.arms.items()})
+            if self.group is not None:  # the other workers: through the control folder and a restart
+                try:
+                    self.group.publish(new.default_bundle, new.config if arm is not None else None)
+                    self.group.restart_workers()
+                except OSError as exc:
+                    log.error("reload not published to the other workers: %s", exc)
+                    raise ApiError(
+                        503, "reload_not_published",
+                        f"this worker serves the new bundle, the other workers could not be told ({exc}); retry",
+                    ) from exc  # fmt: skip
+                log.info(
+                    "reload published to %s; replacing all %d workers",
+                    self.group.control_dir,
+                    self.group.workers,
+                )
             return {name: a.pipeline.model_version for name, a in new.arms.items()}
         finally:
             self._reload_lock.release()

@@ -119,6 +119,9 @@ class ReloadRequest(_In):
 class ReloadResponse(BaseModel):
     reloaded: dict[str, str]  # arm -> model_version now served
     seconds: float
+    # worker processes that serve it: with several (mml serve --workers N) the supervisor replaces
+    # them one by one after this answer, each old worker retired once its replacement is ready
+    workers: int = 1
 
 
 # --- errors ---------------------------------------------------------------------------------------

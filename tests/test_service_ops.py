@@ -56,15 +56,18 @@ def version(path: Path) -> str:
 class Traffic:
     """Client threads posting /recall until stopped; every answer's status is recorded."""
 
-    def __init__(self, url: str, bodies: list[dict], threads: int = 3) -> None:
+    def __init__(self, url: str, bodies: list[dict], threads: int = 3, keep_alive: bool = True) -> None:
         self.url, self.bodies = url, bodies
+        # without keep-alive each request opens its own connection (a worker being retired may close
+        # an idle kept-alive connection just as a client reuses it: HTTP clients retry those)
+        self.limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
         self.answers: list[tuple[int, dict | str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, offset: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
+        with httpx.Client(base_url=self.url, timeout=30, limits=self.limits) as client:
             i = offset
             while not self._stop.is_set():
                 try:
@@ -311,6 +314,75 @@ def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundle
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # the supervisor stops its workers gracefully
+
+
+def test_real_server_admin_reload_reaches_every_worker_without_failed_requests(bundles, tmp_path):
+    a, b = bundles
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(a, port, tmp_path, "--workers", "2")
+    bodies = [{"user_id": f"r{i}", "history": ["1193", "661"], "k": 20} for i in range(20)]
+
+    def pids_and_versions(n: int = 12) -> tuple[set[int], set[str]]:
+        pids, versions = set(), set()
+        for _ in range(n):  # fresh connections: the kernel spreads them over the workers
+            with httpx.Client(base_url=url, timeout=30) as fresh:
+                pids.add(fresh.get("/readyz").json()["pid"])
+                versions.add(fresh.get("/v1/models").json()["arms"][0]["model_version"])
+        return pids, versions
+
+    try:
+        wait_ready(url, proc)
+        before, versions = pids_and_versions()
+        assert versions == {version(a)}
+        with Traffic(url, bodies, threads=2, keep_alive=False) as traffic:
+            traffic.wait_for(20)
+            r = httpx.post(f"{url}/admin/reload", json={"path": str(b)}, headers=AUTH, timeout=300)
+            assert r.status_code == 200, r.text
+            assert r.json()["reloaded"] == {"mml": version(b)} and r.json()["workers"] == 2
+            deadline = time.monotonic() + 300  # two workers load the bundle one after the other
+            while True:
+                pids, versions = pids_and_versions()
+                if versions == {version(b)} and not pids & before:
+                    break
+                assert time.monotonic() < deadline, f"workers {pids} still serve {versions}"
+                time.sleep(0.2)
+            traffic.wait_for(20)
+        assert traffic.failures() == []
+        assert {body["model_version"] for _, body in traffic.answers} == {version(a), version(b)}
+        # a bundle that fails verification is refused by the receiving worker: nobody is replaced
+        refused = httpx.post(f"{url}/admin/reload", json={"path": str(tmp_path / "nowhere")}, headers=AUTH)
+        assert refused.status_code == 409
+        time.sleep(1.0)
+        still, versions = pids_and_versions()
+        assert versions == {version(b)} and still <= pids
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_worker_group_control_folder(tmp_path):
+    from service.ab import DEFAULT_ARMS
+    from service.workers import WorkerGroup, worker_group
+
+    first, second = tmp_path / "b1", tmp_path / "b2"
+    first.mkdir(), second.mkdir()
+    control = tmp_path / "control"
+    control.mkdir()
+    group = WorkerGroup.create(control, first, workers=3)
+    env = group.environment()
+    assert env["MML_BUNDLE"] == str(control / "bundle") and env["MML_WORKERS"] == "3"
+    assert os.readlink(control / "bundle") == str(first) and group.arms_override() is None
+    group.publish(control / "bundle")  # a reload that kept the default bundle: the link stays
+    assert os.readlink(control / "bundle") == str(first)
+    arms = DEFAULT_ARMS.model_copy(deep=True)
+    arms.arms[0].bundle = second
+    group.publish(second, arms)  # a per-arm reload also publishes the arms config
+    assert os.readlink(control / "bundle") == str(second)
+    assert load_arms(group.arms_override()).arms[0].bundle == second
+    assert sorted(p.name for p in control.iterdir()) == ["arms.json", "bundle"]  # no temporary left
+    joined = worker_group(control, group.supervisor_pid, 3)
+    assert joined == group and worker_group(None, None, 1) is None
 
 
 def test_real_server_sighup_reloads_the_bundle_a_symlink_points_to(bundles, tmp_path):
