@@ -35,9 +35,12 @@ data: $(STAMP) ## download (or mirror) ML-1M and build the cold-start split
 features: data ## encode item text and posters with the pretrained encoders
 	$(BIN)/mml data features --data $(DATA)
 
+# extra `mml train` flags, e.g. TRAIN_ARGS="--loss ce --set tasks.query_share=0.8" (the better model at the
+# quick budget, docs/model.md "Query share"; use another RUN and BUNDLE) or "--device cuda"
+TRAIN_ARGS ?=
 train: features ## train the quick profile (skipped when a bundle exists)
 	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists: not retraining"; \
-	else $(BIN)/mml train --data $(DATA) --profile quick --out $(RUN); fi
+	else $(BIN)/mml train --data $(DATA) --profile quick --out $(RUN) $(TRAIN_ARGS); fi
 
 export: train ## export the trained run to a serving bundle
 	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists"; \
