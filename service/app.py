@@ -234,7 +234,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await run_in_threadpool(service.load)  # verify, load, warm up: only then accept requests
         _install_sighup(service)
+        follower = asyncio.create_task(_follow_group(service)) if service.group is not None else None
         yield
+        if follower is not None:
+            follower.cancel()
         service.close()
 
     app = FastAPI(
@@ -353,6 +356,20 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return Response(content, media_type=media_type)
 
     return app
+
+
+async def _follow_group(service: RecallService) -> None:
+    """With several workers: make the reloads another worker published (service/workers.py), in a
+    thread, while this worker keeps answering on the event loop."""
+    from service.workers import POLL_S
+
+    while True:
+        await asyncio.sleep(POLL_S)
+        try:
+            if service.pending_publication():
+                await run_in_threadpool(service.follow_published)
+        except Exception:  # a bad control folder must not stop the worker; it is logged each poll
+            log.exception("following the worker group's reloads failed")
 
 
 def _install_sighup(service: RecallService) -> None:

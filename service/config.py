@@ -25,10 +25,8 @@ class ServiceSettings(BaseSettings):
 
     # --- several workers (set by `mml serve --workers N`, service/workers.py) ----------------------
     control_dir: Path | None = Field(None, alias="MML_CONTROL_DIR")
-    """Folder naming what the workers of one replica serve; a reload is written there, then every
-    worker is replaced. Unset (one process): a reload swaps the bundle in place."""
-    supervisor_pid: int | None = Field(None, alias="MML_SUPERVISOR_PID")
-    """The uvicorn supervisor that replaces the workers on SIGHUP."""
+    """Folder naming what the workers of one replica serve; a reload one worker makes is published
+    there and the others make it too. Unset (one process): a reload concerns this process only."""
     workers: int = Field(1, alias="MML_WORKERS", ge=1)
     """Worker processes of this replica (reported by POST /admin/reload)."""
 

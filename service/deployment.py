@@ -122,15 +122,20 @@ class RecallService:
         )
         self.deployment: Deployment | None = None
         self._reload_lock = threading.Lock()
-        self.group = worker_group(settings.control_dir, settings.supervisor_pid, settings.workers)
+        self.group = worker_group(settings.control_dir, settings.workers)
+        self._followed = 0  # generation of the last reload published by the group and made here
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     def load(self) -> None:
         if self.settings.bundle is None:
             raise MMLError("no bundle to serve: set MML_BUNDLE or pass --bundle")
-        arms_file = (self.group.arms_override() if self.group else None) or self.settings.arms_config
-        config = load_arms(arms_file)
+        arms_file = None
+        if self.group is not None:  # what the group serves now (a worker may start after reloads)
+            arms_file = self.group.arms_override()
+            last = self.group.last()
+            self._followed = last.generation if last else 0
+        config = load_arms(arms_file or self.settings.arms_config)
         self._swap(build_deployment(config, self.settings.bundle, self.registry, topk=self.settings.topk))
 
     @property
@@ -144,8 +149,9 @@ class RecallService:
             previous = old.arms[name].pipeline.model_version if old and name in old.arms else None
             metrics.set_bundle(name, arm.pipeline.model_version, previous)
 
-    def reload(self, path: str | None = None, arm: str | None = None) -> dict[str, str]:
-        """Build a new deployment (new bundle for the default arms, or for `arm`), then swap it in.
+    def reload(self, path: str | None = None, arm: str | None = None, publish: bool = True) -> dict[str, str]:
+        """Build a new deployment (new bundle for the default arms, or for `arm`), then swap it in;
+        with several workers, publish it for the others (`publish=False`: following one of theirs).
         Raises ApiError 409 when a reload is already running or the new bundle is refused."""
         if not self._reload_lock.acquire(blocking=False):
             raise ApiError(409, "reload_in_progress", "another reload is in progress")
@@ -176,24 +182,48 @@ class RecallService:
             self._swap(new)
             metrics.RELOADS.labels(result="ok").inc()
             log.info("reloaded: %s", {n: a.pipeline.model_version for n, a in new.arms.items()})
-            if self.group is not None:  # the other workers: through the control folder and a restart
+            if self.group is not None and publish:  # the other workers follow (service/workers.py)
                 try:
-                    self.group.publish(new.default_bundle, new.config if arm is not None else None)
-                    self.group.restart_workers()
+                    record = self.group.publish(
+                        new.default_bundle,
+                        new.config if arm is not None else None,
+                        str(_abs(path)) if path else None,
+                        arm,
+                    )
                 except OSError as exc:
                     log.error("reload not published to the other workers: %s", exc)
                     raise ApiError(
                         503, "reload_not_published",
                         f"this worker serves the new bundle, the other workers could not be told ({exc}); retry",
                     ) from exc  # fmt: skip
-                log.info(
-                    "reload published to %s; replacing all %d workers",
-                    self.group.control_dir,
-                    self.group.workers,
-                )
+                self._followed = record.generation
+                log.info("reload published in %s for the other workers", self.group.control_dir)
             return {name: a.pipeline.model_version for name, a in new.arms.items()}
         finally:
             self._reload_lock.release()
+
+    def follow_published(self) -> bool:
+        """Make the last reload another worker published, if not made here yet. True when there was
+        one to make (done, or refused by this worker: it keeps its bundle and logs why); False when
+        there was none, or a reload of this worker is running (retried at the next poll)."""
+        last = self.group.last() if self.group is not None else None
+        if last is None or last.generation <= self._followed:
+            return False
+        if last.origin != os.getpid():
+            try:
+                served = self.reload(last.path, last.arm, publish=False)
+                log.info("followed the reload of worker %d: %s", last.origin, served)
+            except ApiError as exc:
+                if exc.error == "reload_in_progress":
+                    return False
+                log.error("could not follow the reload of worker %d: %s", last.origin, exc.message)
+        self._followed = last.generation
+        return True
+
+    def pending_publication(self) -> bool:
+        """A reload published by the group and not made here yet (cheap: one small file read)."""
+        last = self.group.last() if self.group is not None else None
+        return last is not None and last.generation > self._followed
 
     def close(self) -> None:
         self.exposures.close()

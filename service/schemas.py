@@ -119,8 +119,8 @@ class ReloadRequest(_In):
 class ReloadResponse(BaseModel):
     reloaded: dict[str, str]  # arm -> model_version now served
     seconds: float
-    # worker processes that serve it: with several (mml serve --workers N) the supervisor replaces
-    # them one by one after this answer, each old worker retired once its replacement is ready
+    # worker processes of this server: with several (mml serve --workers N) this one has swapped the
+    # bundle in, the others make the same reload within about a second plus their load time
     workers: int = 1
 
 

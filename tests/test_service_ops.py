@@ -56,18 +56,15 @@ def version(path: Path) -> str:
 class Traffic:
     """Client threads posting /recall until stopped; every answer's status is recorded."""
 
-    def __init__(self, url: str, bodies: list[dict], threads: int = 3, keep_alive: bool = True) -> None:
+    def __init__(self, url: str, bodies: list[dict], threads: int = 3) -> None:
         self.url, self.bodies = url, bodies
-        # without keep-alive each request opens its own connection (a worker being retired may close
-        # an idle kept-alive connection just as a client reuses it: HTTP clients retry those)
-        self.limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
         self.answers: list[tuple[int, dict | str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, offset: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30, limits=self.limits) as client:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
             i = offset
             while not self._stop.is_set():
                 try:
@@ -295,19 +292,20 @@ def test_real_server_with_two_workers_sums_metrics_and_restarts_on_sighup(bundle
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 300  # two workers reload a bundle each; slow on a loaded 2-core box
         while True:
+            # done when the answers come from the new bundle and the last old worker has exited
+            # (uvicorn retires each old worker after its replacement is ready: one may still run)
             try:
                 served = {httpx.get(f"{url}/v1/models").json()["arms"][0]["model_version"] for _ in range(6)}
+                with httpx.Client(base_url=url, timeout=30) as fresh:
+                    old = _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(a))
             except httpx.HTTPError:
-                served = set()
-            if served == {version(b)}:
+                served, old = set(), None
+            if served == {version(b)} and old == 0:  # dead workers' gauges reaped
                 break
             assert time.monotonic() < deadline, "the workers were not restarted on the new bundle"
             time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=30) as fresh:
             assert _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(b)) == 1
-            assert (
-                _metric(fresh, "mml_bundle_info", arm="mml", model_version=version(a)) == 0
-            )  # dead workers' gauges reaped
             assert (
                 _metric(fresh, "mml_recall_requests_total", arm="mml", status="200") == 40
             )  # counters survive
@@ -334,19 +332,25 @@ def test_real_server_admin_reload_reaches_every_worker_without_failed_requests(b
     try:
         wait_ready(url, proc)
         before, versions = pids_and_versions()
+        deadline = time.monotonic() + 60
+        while len(before) < 2:  # until both workers have answered
+            assert time.monotonic() < deadline, f"only worker(s) {before} answered"
+            more, also = pids_and_versions()
+            before, versions = before | more, versions | also
         assert versions == {version(a)}
-        with Traffic(url, bodies, threads=2, keep_alive=False) as traffic:
+        with Traffic(url, bodies, threads=2) as traffic:  # kept-alive connections, each on one worker
             traffic.wait_for(20)
             r = httpx.post(f"{url}/admin/reload", json={"path": str(b)}, headers=AUTH, timeout=300)
             assert r.status_code == 200, r.text
             assert r.json()["reloaded"] == {"mml": version(b)} and r.json()["workers"] == 2
-            deadline = time.monotonic() + 300  # two workers load the bundle one after the other
+            deadline = time.monotonic() + 300  # the other worker follows (poll + its own load)
             while True:
                 pids, versions = pids_and_versions()
-                if versions == {version(b)} and not pids & before:
+                if versions == {version(b)} and len(pids) == 2:
                     break
-                assert time.monotonic() < deadline, f"workers {pids} still serve {versions}"
+                assert time.monotonic() < deadline, f"workers {pids} serve {versions}"
                 time.sleep(0.2)
+            assert pids == before  # reloaded in place: no worker was restarted
             traffic.wait_for(20)
         assert traffic.failures() == []
         assert {body["model_version"] for _, body in traffic.answers} == {version(a), version(b)}
@@ -355,7 +359,7 @@ def test_real_server_admin_reload_reaches_every_worker_without_failed_requests(b
         assert refused.status_code == 409
         time.sleep(1.0)
         still, versions = pids_and_versions()
-        assert versions == {version(b)} and still <= pids
+        assert versions == {version(b)} and still <= before
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -373,16 +377,59 @@ def test_worker_group_control_folder(tmp_path):
     env = group.environment()
     assert env["MML_BUNDLE"] == str(control / "bundle") and env["MML_WORKERS"] == "3"
     assert os.readlink(control / "bundle") == str(first) and group.arms_override() is None
-    group.publish(control / "bundle")  # a reload that kept the default bundle: the link stays
-    assert os.readlink(control / "bundle") == str(first)
+    assert group.last() is None
+    kept = group.publish(control / "bundle", None, None, None)  # a reload that kept the default bundle
+    assert os.readlink(control / "bundle") == str(first) and group.arms_override() is None
+    assert group.last() == kept and kept.origin == os.getpid() and kept.path is None
     arms = DEFAULT_ARMS.model_copy(deep=True)
     arms.arms[0].bundle = second
-    group.publish(second, arms)  # a per-arm reload also publishes the arms config
+    moved = group.publish(second, arms, str(second), "mml")  # a per-arm reload: arms config too
+    assert moved.generation > kept.generation and group.last() == moved
     assert os.readlink(control / "bundle") == str(second)
     assert load_arms(group.arms_override()).arms[0].bundle == second
-    assert sorted(p.name for p in control.iterdir()) == ["arms.json", "bundle"]  # no temporary left
-    joined = worker_group(control, group.supervisor_pid, 3)
-    assert joined == group and worker_group(None, None, 1) is None
+    assert sorted(p.name for p in control.iterdir()) == [
+        "arms.json",
+        "bundle",
+        "reload.json",
+    ]  # no temporaries
+    assert worker_group(control, 3) == group and worker_group(None, 1) is None
+
+
+def test_a_worker_follows_reloads_published_by_another_and_keeps_its_bundle_on_a_refused_one(
+    bundles, tmp_path
+):
+    import json as _json
+
+    from service.deployment import RecallService
+    from service.workers import WorkerGroup
+
+    a, b = bundles
+    control = tmp_path / "control"
+    control.mkdir()
+    group = WorkerGroup.create(control, a, workers=2)
+    service = RecallService(
+        load_settings(
+            bundle=group.bundle_link, control_dir=control, workers=2, exposure_log=tmp_path / "x.jsonl"
+        )
+    )
+    service.load()
+    try:
+        assert not service.pending_publication() and not service.follow_published()
+
+        def published_by_another_worker(path: Path) -> None:
+            record = group.publish(path, None, str(path), None)
+            other = {**record.__dict__, "origin": record.origin + 1}  # as if another process made it
+            (control / "reload.json").write_text(_json.dumps(other))
+
+        published_by_another_worker(b)
+        assert service.pending_publication() and service.follow_published()
+        assert service.models().arms[0].model_version == version(b)
+        assert not service.pending_publication()  # made once
+        published_by_another_worker(tmp_path / "nowhere")  # this worker cannot load it
+        assert service.follow_published()  # handled: refused and logged, not retried
+        assert service.models().arms[0].model_version == version(b) and not service.pending_publication()
+    finally:
+        service.close()
 
 
 def test_real_server_sighup_reloads_the_bundle_a_symlink_points_to(bundles, tmp_path):
