@@ -7,12 +7,14 @@ import numpy as np
 from training.evaluation.compare import compare
 from training.evaluation.metrics import METRICS
 from training.evaluation.protocol import VARIANTS, RunResult
-from training.evaluation.runner import PROFILES, save_run
+from training.evaluation.runner import PROFILES, run_path, save_run
 
 
 def _save(cache, method: str, seed: int, hits: np.ndarray) -> None:
     per_user = {v: {m: hits.astype(float) for m in METRICS} for v in VARIANTS}
-    save_run(cache / method / f"seed{seed}.npz", RunResult(method, seed, per_user, 1.0), PROFILES["quick"])
+    save_run(
+        run_path(cache, "cold_users", method, seed), RunResult(method, seed, per_user, 1.0), PROFILES["quick"]
+    )
 
 
 def test_a_clearly_better_method_is_significant_and_only_shared_seeds_count(tmp_path):
@@ -22,7 +24,7 @@ def test_a_clearly_better_method_is_significant_and_only_shared_seeds_count(tmp_
         _save(tmp_path, "better", seed, rng.random(users) < 0.5)
         _save(tmp_path, "worse", seed, rng.random(users) < 0.1)
     _save(tmp_path, "better", 2, np.zeros(users, bool))  # no "worse" run with seed 2: left out
-    text = compare(tmp_path, [("better", "worse"), ("worse", "worse")])
+    text = compare(tmp_path, "cold_users", [("better", "worse"), ("worse", "worse")])
     rows = [
         line.split(" | ")
         for line in text.splitlines()

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from model.config import ModelConfig
 from model.mml import LEARNERS, MML
 from training.config import Stage1Config
 from training.maml import adapt, learner_parameters, meta_loss, meta_loss_looped, theta
-from training.synthetic import synthetic
-from training.tasks import make_tasks, sample_windows
+from training.synthetic import tiny_meta_setup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-CFG = ModelConfig(d=16, d_ffn=32, max_len=12, n_neighbours=4, feature_bias_init=0.5)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    split, feats = synthetic(n_old_users=8)
-    model = MML(CFG, split.n_old_items, feats.text, feats.image, feats.image_mask).double().eval()
-    rng = np.random.default_rng(0)
-    windows = sample_windows(split.old_seqs[:5], rng, "sampled", 4, CFG.max_len + 1)
-    tasks = make_tasks(windows, CFG.max_len, split.n_old_items, rng).torch()
-    return model, tasks, split.n_old_items
+    return tiny_meta_setup()
 
 
 def _grads(
@@ -68,10 +57,7 @@ def test_second_order_differs_from_first_order(setup):
 def test_batched_equals_loop_with_several_query_targets(setup, first_order: bool):
     """TaskConfig.query_share > 0: each task's query holds its last targets (mean over them)."""
     model, _, n_old = setup
-    split, _ = synthetic(n_old_users=8)
-    rng = np.random.default_rng(1)
-    windows = sample_windows(split.old_seqs[:5], rng, "sampled", 6, CFG.max_len + 1)
-    tasks = make_tasks(windows, CFG.max_len, n_old, rng, query_share=0.5).torch()
+    _, tasks, _ = tiny_meta_setup(min_len=6, query_share=0.5, seed=1)
     assert (tasks["query"].sum(1) > 1).all()
     cfg = Stage1Config(first_order=first_order, inner_steps=2, inner_lr=0.5)
     loss_b, batched = _grads(model, "id", meta_loss, tasks, cfg, n_old)

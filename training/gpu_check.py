@@ -15,16 +15,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from model.config import ModelConfig
-from model.mml import LEARNERS, MML
+from model.mml import LEARNERS
 from training import bench_meta
 from training.config import Stage1Config
 from training.maml import learner_parameters, meta_loss, meta_loss_looped
-from training.synthetic import synthetic
-from training.tasks import make_tasks, sample_windows
+from training.synthetic import tiny_meta_setup
 
 # (batched tasks, tasks per vmapped chunk or None = Stage1Config's, second order)
 SWEEP = ((256, None, False), (1024, None, False), (1024, 256, False), (1024, 1024, False),
@@ -33,13 +30,7 @@ TOLERANCE = 1e-9  # relative to the largest gradient entry, float64
 
 
 def equivalence(device: torch.device) -> list[dict]:
-    torch.manual_seed(0)
-    cfg = ModelConfig(d=16, d_ffn=32, max_len=12, n_neighbours=4, feature_bias_init=0.5)
-    split, feats = synthetic(n_old_users=8)
-    model = MML(cfg, split.n_old_items, feats.text, feats.image, feats.image_mask).double().eval().to(device)
-    rng = np.random.default_rng(0)
-    windows = sample_windows(split.old_seqs[:5], rng, "sampled", 4, cfg.max_len + 1)
-    tasks = make_tasks(windows, cfg.max_len, split.n_old_items, rng).torch(device)
+    model, tasks, n_old = tiny_meta_setup(device)
     checks = []
     for first_order in (True, False):
         s1 = Stage1Config(first_order=first_order, inner_steps=2, inner_lr=0.5)
@@ -47,7 +38,7 @@ def equivalence(device: torch.device) -> list[dict]:
             out = []
             for fn in (meta_loss, meta_loss_looped):
                 model.zero_grad(set_to_none=True)
-                loss = fn(model, name, tasks, s1, split.n_old_items, backward_weight=1.0)
+                loss = fn(model, name, tasks, s1, n_old, backward_weight=1.0)
                 out.append((float(loss), [p.grad.clone() for p in learner_parameters(model, name)]))
             (loss_b, grads_b), (loss_l, grads_l) = out
             diff = max(float((a - b).abs().max()) for a, b in zip(grads_b, grads_l, strict=True))

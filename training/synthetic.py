@@ -66,3 +66,23 @@ def synthetic(
     )
     item_id = np.array([""] + [str(i) for i in range(1, n_items + 1)])
     return split, ItemFeatures(text=text, image=image, image_mask=image_mask, item_id=item_id)
+
+
+def tiny_meta_setup(device: str = "cpu", *, min_len: int = 4, query_share: float = 0.0, seed: int = 0):
+    """A tiny float64 MML in eval mode and 5 meta-training tasks on `device`, for exact comparisons of
+    the batched and looped meta-gradients (tests/test_train_maml.py, training/gpu_check.py):
+    (model, tasks as tensors, n_old_items)."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.mml import MML
+    from training.tasks import make_tasks, sample_windows
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d=16, d_ffn=32, max_len=12, n_neighbours=4, feature_bias_init=0.5)
+    split, feats = synthetic(n_old_users=8)
+    model = MML(cfg, split.n_old_items, feats.text, feats.image, feats.image_mask).double().eval().to(device)
+    rng = np.random.default_rng(seed)
+    windows = sample_windows(split.old_seqs[:5], rng, "sampled", min_len, cfg.max_len + 1)
+    tasks = make_tasks(windows, cfg.max_len, split.n_old_items, rng, query_share).torch(device)
+    return model, tasks, split.n_old_items
