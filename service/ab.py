@@ -193,7 +193,23 @@ class ExposureLog:
             self._fh.close()
 
 
-def exposure_record(request_id: str, user_id: str, arm: str, model_version: str, override: bool) -> dict:
+EXPOSURE_LISTS = ("items", "new_items")  # list fields: JSON-encoded in the Redis stream
+
+
+def exposure_record(
+    request_id: str,
+    user_id: str,
+    arm: str,
+    model_version: str,
+    override: bool,
+    items: list[str] | None = None,
+    new_items: list[str] | None = None,
+    fallback: bool = False,
+) -> dict:
+    """One exposure: who was shown what, by which arm. `items`: the answer's item ids in rank order
+    (rank = position + 1), already cut to `k_logged` by the caller; `new_items`: those of `items`
+    that are registered new items (not in the bundle's catalogue); `fallback`: the popularity
+    ranking answered. Flat, so a reader can join it with the user's later events."""
     return {
         "ts": round(time.time(), 3),
         "request_id": request_id,
@@ -201,6 +217,9 @@ def exposure_record(request_id: str, user_id: str, arm: str, model_version: str,
         "arm": arm,
         "model_version": model_version,
         "override": override,
+        "items": items if items is not None else [],
+        "new_items": new_items if new_items is not None else [],
+        "fallback": fallback,
     }
 
 
@@ -219,6 +238,9 @@ def read_exposures(source: str, prefix: str = "mml:") -> Iterator[dict]:
                 for _entry_id, fields in batch:
                     record = {k.decode(): v.decode() for k, v in fields.items()}
                     record["override"] = record.get("override") == "true"
+                    record["fallback"] = record.get("fallback") == "true"
+                    for name in EXPOSURE_LISTS:  # stored as JSON text in the stream
+                        record[name] = json.loads(record[name]) if name in record else []
                     yield record
                 start = "(" + batch[-1][0].decode()
         except redis.RedisError as exc:

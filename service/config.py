@@ -73,6 +73,8 @@ class ServiceSettings(BaseSettings):
     # --- observability --------------------------------------------------------------------------
     exposure_log: Path | None = Field(None, alias="MML_EXPOSURE_LOG")
     """File the exposure records are appended to, one JSON line each. Unset: stdout."""
+    exposure_k_logged: int = Field(100, alias="MML_EXPOSURE_K_LOGGED", ge=0, le=1000)
+    """Item ids an exposure record carries: the answer's first `k_logged`, in rank order (0: none)."""
     exposure_stream_maxlen: int = Field(1_000_000, alias="MML_EXPOSURE_STREAM_MAXLEN", ge=1)
     """Approximate length cap of the Redis exposure stream (`<prefix>exposures`)."""
 

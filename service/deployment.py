@@ -283,7 +283,12 @@ class RecallService:
             degraded=degraded or result.degraded,
         )
         timings["total"] = time.perf_counter() - start
-        exposure = exposure_record(rid, req.user_id, arm_name, result.model_version, override is not None)
+        logged = [i for i, _ in result.items[: s.exposure_k_logged]]
+        row_of = arm.runtime.row_of
+        exposure = exposure_record(
+            rid, req.user_id, arm_name, result.model_version, override is not None,
+            logged, [i for i in logged if i not in row_of], result.fallback,
+        )  # fmt: skip
         return Answer(response, arm_name, timings, exposure)
 
     def record_exposure(self, record: dict) -> None:

@@ -365,3 +365,26 @@ def test_new_item_is_recommended_to_users_with_a_similar_history(trained_server,
     # and as part of a history it is warmed up (generator) and shifts the ranking towards its kind
     with_it = c.post("/recall", json={"user_id": "u", "history": [*HORROR, "toy-story-3"], "k": 100}).json()
     assert with_it["warmed_up"] == ["toy-story-3"]
+
+
+def test_exposure_records_carry_the_ranked_items(server):
+    """One exposure per answer, joinable with later events: the answer's ids in rank order, cut to
+    MML_EXPOSURE_K_LOGGED (default 100), the registered new items among them, the fallback flag."""
+    import time
+
+    c = server.client
+    body = c.post("/recall", json={"user_id": "u-exposed", "history": ["1", "2"], "k": 150}).json()
+    fb = c.post("/recall", json={"user_id": "u-exposed-fb", "history": [], "k": 5}).json()
+    log = server.app.state.service.settings.exposure_log
+    deadline = time.monotonic() + 5
+    records = {}
+    while time.monotonic() < deadline and len(records) < 2:  # the writer flushes every 100 ms
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = {r["request_id"]: r for r in lines if r["request_id"] in (body["request_id"], fb["request_id"])}
+        time.sleep(0.05)
+    exposed = records[body["request_id"]]
+    assert exposed["items"] == [it["item_id"] for it in body["items"]][:100]
+    assert exposed["new_items"] == [] and exposed["fallback"] is False
+    assert {"ts", "user_id", "arm", "model_version", "override"} <= set(exposed)
+    assert records[fb["request_id"]]["fallback"] is True
+    assert records[fb["request_id"]]["items"] == [it["item_id"] for it in fb["items"]]

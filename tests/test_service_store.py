@@ -85,17 +85,19 @@ def test_items_and_embeddings_round_trip(store):
 
 
 def test_redis_exposures_go_to_a_stream(redis_db):
-    from service.ab import count_users, read_exposures
+    from service.ab import count_users, exposure_record, read_exposures
 
     s = RedisStore(redis_db, prefix="t:")
     s.add_exposures(
         [
-            {"request_id": "r1", "user_id": "u1", "arm": "mml", "model_version": "v", "override": False},
-            {"request_id": "r2", "user_id": "u2", "arm": "mml", "model_version": "v", "override": True},
+            exposure_record("r1", "u1", "mml", "v", False, ["10", "7", "new-1"], ["new-1"]),
+            exposure_record("r2", "u2", "mml", "v", True, fallback=True),
         ]
     )
     records = list(read_exposures(redis_db, prefix="t:"))
     assert [r["request_id"] for r in records] == ["r1", "r2"]
+    assert records[0]["items"] == ["10", "7", "new-1"] and records[0]["new_items"] == ["new-1"]
+    assert records[1]["items"] == [] and records[1]["fallback"] is True and records[1]["override"] is True
     assert count_users(iter(records)) == {"mml": 1}
     s.close()
 
