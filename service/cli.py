@@ -105,3 +105,71 @@ def register(groups: dict[str, typer.Typer]) -> None:
                 1
             )  # (mml.cli runs click with standalone_mode=False, which swallows typer.Exit codes)
         typer.echo("no sample ratio mismatch")
+
+    @groups["ab"].command("report")
+    def report(
+        exposures: str = typer.Option(..., help="exposure log (JSON lines) or redis://host:port/db (stream)"),
+        events: str = typer.Option(
+            ..., help="events (JSON lines: user_id, item_id, ts) or redis://host:port/db (stored histories)"
+        ),
+        arms: Path | None = typer.Option(None, envvar="MML_ARMS_CONFIG", help="arms config with the weights"),
+        bundle: Path | None = typer.Option(
+            None,
+            help="bundle whose catalogue gives coverage and the new-item share (absent: those two are left out)",
+        ),
+        window: str = typer.Option(
+            "30m", help="how long after an exposure its next event may come (s, m, h)"
+        ),
+        control: str | None = typer.Option(None, help="control arm (default: 'control', else the first arm)"),
+        ci: str = typer.Option(
+            "delta", help="interval of the ratio metrics: delta or bootstrap (over users)"
+        ),
+        bootstrap: int = typer.Option(
+            1000, help="bootstrap replicates (coverage; ratio metrics with --ci bootstrap)"
+        ),
+        seed: int = typer.Option(0, help="seed of the bootstrap"),
+        prefix: str = typer.Option("mml:", help="Redis key prefix of the exposure stream and the histories"),
+        as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a table"),
+    ) -> None:
+        """Which arm's candidates users engaged with: each exposure joined with the user's next event;
+        hit rate@10/50/100, MRR, coverage and new-item share per arm, each against the control with a
+        95% interval clustered by user and a p-value. The SRM check runs first: exit status 1, and no
+        comparison, when it fails (docs/service.md, "Reading an experiment")."""
+        from pydantic import ValidationError
+
+        from mml.errors import MMLError
+        from service.ab import load_arms
+        from service.ab_report import (
+            ReportConfig,
+            build_report,
+            load_catalogue,
+            load_events,
+            load_exposures,
+            parse_window,
+            print_report,
+        )
+
+        if arms is None:
+            raise MMLError(
+                "--arms: the arms config is required (its weights are the SRM check's expectation)"
+            )
+        try:
+            config = ReportConfig(
+                window_s=parse_window(window), control=control, ci=ci, bootstrap=bootstrap, seed=seed
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise MMLError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+        result = build_report(
+            load_exposures(exposures, prefix),
+            load_events(events, prefix),
+            load_arms(arms),
+            config,
+            load_catalogue(bundle) if bundle else None,
+        )
+        if as_json:
+            typer.echo(result.model_dump_json(indent=2))
+        else:
+            print_report(result)
+        if result.refused:
+            raise SystemExit(1)  # the SRM gate: do not read this experiment
