@@ -16,7 +16,7 @@ PORT ?= 8000
 MML_DATA_MIRROR ?= $(if $(wildcard ../shared/datasets/ml-1m/ratings.dat),$(abspath ../shared/datasets),)
 export MML_DATA_MIRROR
 
-.PHONY: help setup run test bench results lint data features train export serve clean loadtest
+.PHONY: help setup run test bench results lint data features train export serve clean loadtest ab-replay
 
 help:
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -90,3 +90,6 @@ audit: $(STAMP) ## pip-audit of the installed packages; canary secrets in a fres
 
 loadtest: export ## load test: serve the bundle on 127.0.0.1, locust 60 s -> docs/results/loadtest.md
 	$(BIN)/python -m loadtest.run --bundle $(BUNDLE) --data-dir $(DATA) $(LOADTEST_ARGS)
+
+ab-replay: export ## A/B replay: new users' interactions against popularity vs MML, read by mml ab report -> docs/results/ab-replay.json
+	$(BIN)/python -m loadtest.ab_replay --bundle $(BUNDLE) --data-dir $(DATA) $(AB_REPLAY_ARGS)

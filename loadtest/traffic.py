@@ -12,6 +12,8 @@ What is replayed:
   new items (a user who just watched a new release).
 * **POST /events, then POST /recall without a history**: a sequence replayed event by event (the
   service keeps the history), and recall requests that read that stored history.
+* **replay mode** (`Traffic.replay_rounds`): the same sequences, every user in step, a recall before
+  each event: the A/B replay of `loadtest/ab_replay.py` (`make ab-replay`).
 * **PUT /items**: a few real movies of the split with their real posters, registered under a fresh id
   (`NEW_ITEM_PREFIX` + MovieID) before the load starts, as an operator registers new releases. The
   copies are not in the catalogue, so they go through the service's whole new-item path: encoders,
@@ -88,6 +90,17 @@ class Traffic:
     def recall_stored(self, user_id: str) -> dict:
         """A POST /recall body without a history: the service reads the user's stored events."""
         return {"user_id": user_id, "k": self.k}
+
+    def replay_rounds(self, tag: str) -> list[list[tuple[str, str]]]:
+        """Replay mode (the A/B replay, `python -m loadtest.ab_replay`): every sequence replayed in
+        time order, all users in step. Round p holds each sequence's p-th item as (live user id, item
+        id); for each pair a replay sends `recall_stored(user)` (what the service would show the user
+        now, from the events stored so far), then `event(user, item, ts)` (what the user did next)."""
+        rounds = max(len(s.items) for s in self.sequences)
+        return [
+            [(self.live_user_id(s, tag), s.items[p]) for s in self.sequences if p < len(s.items)]
+            for p in range(rounds)
+        ]
 
 
 def _new_items(items, catalogue: frozenset[str], count: int, seed: int) -> list[NewItem]:

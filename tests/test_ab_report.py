@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,7 +94,12 @@ def test_join_takes_the_same_users_next_event_within_the_window():
     exposures = exposures_from_records(
         [
             {"ts": 100.5, "user_id": "a", "arm": "control", "items": ["x", "y", "z"]},  # next: y at 130
-            {"ts": 200.0, "user_id": "a", "arm": "control", "items": ["y", "w"]},  # next: w at 2001, 1801 s later
+            {
+                "ts": 200.0,
+                "user_id": "a",
+                "arm": "control",
+                "items": ["y", "w"],
+            },  # next: w at 2001, 1801 s later
             {"ts": 100.0, "user_id": "b", "arm": "mml", "items": ["x", "y"]},  # b has no event after it
             {"ts": 50.0, "user_id": "c", "arm": "mml", "items": ["q", "x"]},  # next: x at 50 (same ts)
             {"ts": 60.0, "user_id": "d", "arm": "mml", "items": ["q"]},  # next: r at 61, not listed
@@ -321,3 +327,26 @@ def test_reads_the_services_redis_stream_and_histories():
         if keys:
             store.client.delete(*keys)
         store.close()
+
+
+def test_traffic_replay_mode_steps_every_user_through_its_sequence_in_order():
+    """The load test's generator in replay mode (loadtest/traffic.py): round p = every user's p-th item."""
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:  # loadtest/ is a folder of the repository, not an installed package
+        sys.path.insert(0, repo)
+    from loadtest.traffic import Sequence, Traffic
+
+    sequences = [Sequence("7", ("a", "b", "c"), 2), Sequence("9", ("d", "e"), 1)]
+    traffic = Traffic(
+        sequences=sequences, new_items=[], catalogue=frozenset("abcde"), k=100, new_item_share=0
+    )
+    rounds = traffic.replay_rounds("t")
+    assert rounds == [
+        [("live-7-t", "a"), ("live-9-t", "d")],
+        [("live-7-t", "b"), ("live-9-t", "e")],
+        [("live-7-t", "c")],
+    ]
+    assert traffic.recall_stored("live-7-t") == {
+        "user_id": "live-7-t",
+        "k": 100,
+    }  # no history: the stored one
