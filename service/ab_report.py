@@ -28,7 +28,9 @@ a two-sided p-value:
 
 * ratio metrics (hit rates, MRR, new-item share: sums over a user's exposures divided by sums of
   their denominators) by the delta method over users (default) or a Poisson bootstrap over users;
-* coverage (a count of distinct items, not a mean) by the Poisson bootstrap over users.
+* coverage (a count of distinct items, not a mean): the standard error of the difference from a Poisson
+  bootstrap over users, a normal interval around the estimate (replicates of a distinct count are
+  biased down, so their percentiles would miss it); approximate.
 
 Arms are independent samples of users, so the variance of a difference is the sum of the arms'.
 The sample-ratio-mismatch check (`service.ab.srm_check`) runs first: when it fails, the report
@@ -494,9 +496,16 @@ def build_report(
         for name in names:
             diff = point[arm][name] - point[control][name]
             a, c = spread[arm][name], spread[control][name]
-            if isinstance(a, np.ndarray):  # bootstrap replicates: percentile interval, normal p from their SE
-                replicates = a - c
-                replicates = replicates[np.isfinite(replicates)]
+            if isinstance(a, np.ndarray) and name == "coverage":
+                # A distinct count is biased down in a bootstrap replicate (about 37 % of the users get
+                # weight 0, and their items drop out), so a percentile interval misses the estimate;
+                # the replicates give the standard error only, around the estimate (approximate).
+                replicates = (a - c)[np.isfinite(a - c)]
+                se = float(replicates.std(ddof=1)) if len(replicates) > 1 else float("nan")
+                low, high = diff - z * se, diff + z * se
+                method = "bootstrap-se"
+            elif isinstance(a, np.ndarray):  # ratio metrics: percentile interval, normal p from the SE
+                replicates = (a - c)[np.isfinite(a - c)]
                 alpha = 1 - config.confidence
                 low, high = (
                     np.quantile(replicates, [alpha / 2, 1 - alpha / 2]) if len(replicates) else (np.nan,) * 2

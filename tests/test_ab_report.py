@@ -150,7 +150,9 @@ def test_planted_difference_is_found():
     # coverage: the lists cover (almost) all 900 old items in both arms; mml adds the 100 new ones
     coverage = report.comparisons["mml"]["coverage"]
     assert coverage.control == pytest.approx(0.9, abs=0.01) and coverage.value == pytest.approx(1.0, abs=0.01)
-    assert coverage.ci_low > 0 and coverage.p_value < 1e-3 and coverage.method == "bootstrap"
+    assert coverage.ci_low > 0 and coverage.p_value < 1e-3 and coverage.method == "bootstrap-se"
+    for comparison in report.comparisons["mml"].values():  # every interval holds its own estimate
+        assert comparison.ci_low <= comparison.diff <= comparison.ci_high
     # the markdown table carries every metric
     table = to_markdown(report)
     for name in ("hit_rate@10", "hit_rate@50", "hit_rate@100", "mrr", "coverage", "new_item_share"):
@@ -350,3 +352,16 @@ def test_traffic_replay_mode_steps_every_user_through_its_sequence_in_order():
         "user_id": "live-7-t",
         "k": 100,
     }  # no history: the stored one
+
+
+def test_coverage_interval_holds_its_estimate_when_coverage_is_far_from_full():
+    """Few users: a bootstrap replicate loses the items only its dropped users saw, so replicate
+    coverage sits below the estimate; the interval must still be around the estimate."""
+    exposures, events = simulate(
+        np.random.default_rng(4), 12, {"control": 0.1, "mml": 0.1}, new_share={"control": 0.0, "mml": 0.5}
+    )
+    report = build_report(exposures, events, ARMS, ReportConfig(bootstrap=2000), CATALOGUE)
+    coverage = report.comparisons["mml"]["coverage"]
+    assert 0.2 < coverage.control < 0.8  # not saturated
+    assert coverage.ci_low < coverage.diff < coverage.ci_high
+    assert coverage.ci_high - coverage.diff == pytest.approx(coverage.diff - coverage.ci_low)
