@@ -1,4 +1,5 @@
-"""Pop and ItemKNN on toy splits, computed by hand."""
+"""Pop and ItemKNN on toy splits, computed by hand; the trained baselines (SASRec, GRU4Rec, SASRec +
+fine-tune, SML, CBML, MetaTL) on a tiny split with a planted sequential pattern."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import numpy as np
 import pytest
 
 from training.data import Split
+from training.evaluation.baselines.cbml import CBML, genre_matrix
+from training.evaluation.baselines.finetune import FinetuneConfig, SASRecFinetune, finetune_user
 from training.evaluation.baselines.itemknn import ItemKNN, cooccurrence, knn_scores
+from training.evaluation.baselines.meta_common import MetaBaselineConfig
+from training.evaluation.baselines.metatl import MetaTL
 from training.evaluation.baselines.pop import Pop
+from training.evaluation.baselines.sequential import (
+    SequentialBaseline,
+    SequentialConfig,
+    coordinate_search,
+    step_budget,
+)
+from training.evaluation.baselines.sml import SML
 from training.evaluation.protocol import evaluate
 
 
@@ -85,3 +97,141 @@ def test_itemknn_window_counts_only_nearby_pairs_and_is_chosen_on_validation() -
     evaluate(knn, _split(old, support=[[1]], valid=[2], query=[3], n_items=4, n_old_items=4))
     assert knn.window == 1
     assert knn.info["validation"]["1"] > knn.info["validation"]["None"]
+
+
+# ---- trained baselines on a planted sequential pattern --------------------------------------------
+#
+# Items 1..40 lie on a line and every user walks along it one item at a time (a few random jumps
+# in D_old), starting anywhere; popular items are the middle ones. The next item is the current one
+# + 1, which no popularity ranking gets: every trained baseline must beat Pop by a wide margin.
+
+N_LINE = 40
+
+
+def _line_split(n_old: int = 300, n_new: int = 40, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+
+    def walk(length: int) -> np.ndarray:
+        start = int(rng.integers(1, N_LINE - length + 2))
+        seq = np.arange(start, start + length)
+        if length > 12 and rng.random() < 0.3:  # a jump in the middle of some old sequences
+            cut = int(rng.integers(3, length - 3))
+            seq[cut:] = np.clip(seq[cut:] + int(rng.integers(-3, 4)), 1, N_LINE)
+        return seq.astype(np.int32)
+
+    old = [walk(int(rng.integers(12, 25))) for _ in range(n_old)]
+    new = np.stack([walk(10) for _ in range(n_new)])
+    return _split(old, new[:, :8], new[:, 8], new[:, 9], n_items=N_LINE, n_old_items=N_LINE)
+
+
+def _mrr(method, split) -> float:
+    return float(evaluate(method, split).per_user["unmasked"]["mrr@10"].mean())
+
+
+def _pop_mrr(split) -> float:
+    return _mrr(Pop(), split)
+
+
+TINY = MetaBaselineConfig(
+    d=16, lrs=(1e-2,), batch_tasks=64, budget_epochs=1, min_steps=150, max_steps=150, eval_every=50,
+    patience=3, dropout=0.0, metatl_hidden=(32, 16), cbml_clusters=2, cbml_inner_steps=1, threads=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def line():
+    split = _line_split()
+    return split, _pop_mrr(split)
+
+
+def test_metatl_learns_the_transition(line) -> None:
+    split, pop = line
+    method = MetaTL(TINY)
+    value = _mrr(method, split)
+    assert value > pop + 0.3, (value, pop)
+    assert method.info["meta_lr"] == 1e-2 and method.info["best_step"] > 0
+
+
+def test_cbml_learns_the_transition_and_uses_item_attributes(line) -> None:
+    split, pop = line
+    # two "genres": items 1..20 and 21..40, one item with both
+    genres, n = genre_matrix(np.arange(1, 41), ["A"] * 19 + ["A|B"] + ["B"] * 20, 40)
+    assert n == 2 and genres[20].tolist() == [1, 2] and genres[21].tolist() == [2, 0]
+    method = CBML(TINY, genres=genres)
+    value = _mrr(method, split)
+    assert value > pop + 0.3, (value, pop)
+    assert method.info["n_genres"] == 2
+
+
+TINY_SEQ = SequentialConfig(
+    ds=(16,), layers=1, heads=1, ffn_factor=2, dropouts=(0.0,), max_len=12, lrs=(1e-2,), losses=("ce",),
+    windows="all", budget_epochs=1, min_steps=120, max_steps=120, eval_every=40, patience=3, threads=1,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", ["sasrec", "gru4rec"])
+def test_sequential_baselines_learn_the_transition_with_early_stopping(line, architecture) -> None:
+    split, pop = line
+    method = SequentialBaseline(architecture, TINY_SEQ, architecture)
+    value = _mrr(method, split)
+    assert value > pop + 0.3, (value, pop)
+    run = method.info["validation"]["loss=ce lr=0.01 dropout=0 d=16"]
+    assert [step for step, _ in run["curve"]] == [40, 80, 120][: len(run["curve"])]
+    assert method.info["best_step"] in (40, 80, 120) and method.info["d"] == 16
+
+
+def test_step_budget_scales_with_the_data_but_has_a_floor() -> None:
+    cfg = SequentialConfig(batch_windows=64, budget_epochs=20, min_steps=600, max_steps=1500)
+    assert step_budget(5365, cfg) == (84, 1500, 84)  # ML-1M: capped
+    assert step_budget(2000, cfg) == (32, 640, 32)  # 20 epochs
+    # ten times fewer windows: the same floor of updates, not ten times fewer; validated every 20 steps
+    assert step_budget(200, cfg) == (4, 600, 20)
+
+
+def test_coordinate_search_tries_one_hyperparameter_at_a_time_and_keeps_the_best() -> None:
+    calls = []
+
+    def train(hp):
+        calls.append(dict(hp))
+        value = {3e-3: 0.5, 1e-3: 0.4}[hp["lr"]] + {0.2: 0.0, 0.5: 0.05}[hp["dropout"]] + hp["d"] / 1000
+        return f"model{len(calls)}", value, {"best_step": 1}
+
+    grid = {"loss": ("ce",), "lr": (1e-3, 3e-3), "dropout": (0.2, 0.5), "d": (64, 128)}
+    hp, model, value, tried = coordinate_search(train, grid)
+    assert hp == {"loss": "ce", "lr": 3e-3, "dropout": 0.5, "d": 128}
+    assert len(calls) == 4 and model == "model4" and value == pytest.approx(0.5 + 0.05 + 0.128)
+    assert calls[0] == {"loss": "ce", "lr": 1e-3, "dropout": 0.2, "d": 64}
+    assert len(tried) == 4
+
+
+def test_sasrec_finetune_grid_zero_steps_is_the_pretrained_sasrec(line) -> None:
+    split, pop = line
+    sasrec = SequentialBaseline("sasrec", TINY_SEQ, "sasrec")
+    plain = evaluate(sasrec, split).per_user["unmasked"]["mrr@10"]
+    zero = SASRecFinetune(TINY_SEQ, FinetuneConfig(steps=(0,), threads=1))
+    np.testing.assert_allclose(evaluate(zero, split).per_user["unmasked"]["mrr@10"], plain)
+    assert zero.info["ft_steps"] == 0
+    # with a grid: the 0-step entry is the pre-trained model's validation value, and the chosen entry
+    # is at least as good on validation
+    tuned = SASRecFinetune(
+        TINY_SEQ, FinetuneConfig(lrs=(1e-2,), steps=(0, 2), groups=("all", "items"), threads=1)
+    )
+    evaluate(tuned, split)
+    table = tuned.info["ft_validation"]
+    assert table["steps=0"] == pytest.approx(tuned.info["validation_best"])
+    assert tuned.info["ft_validation_best"] >= table["steps=0"]
+    assert set(table) == {"steps=0", "all/lr=0.01/steps=2", "items/lr=0.01/steps=2"}
+    # fine-tuning moves only the chosen group
+    support = split.new_support[0]
+    items_only = finetune_user(tuned.net, support, "items", 1e-2, 2)
+    assert set(items_only) == {"items.weight"}
+    assert not np.allclose(items_only["items.weight"].numpy(), tuned.net.items.weight.detach().numpy())
+
+
+def test_sml_learns_the_transition_through_its_periods(line) -> None:
+    split, pop = line
+    cfg = TINY.model_copy(update={"sml_periods": 2, "sml_passes": 2, "sml_steps": 10, "sml_lr": 1e-2})
+    method = SML(cfg, TINY_SEQ)
+    value = _mrr(method, split)
+    assert value > pop + 0.3, (value, pop)
+    assert method.info["passes"] in (1, 2) and len(method.info["validation_curve"]) == 2

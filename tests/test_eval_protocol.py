@@ -59,7 +59,17 @@ class RecordingSASRec(Recording, SequentialBaseline):
 
 def _tiny_sasrec() -> RecordingSASRec:
     cfg = SequentialConfig(
-        d=8, layers=1, heads=1, ffn=8, max_len=6, lrs=(1e-2,), losses=("bpr",), max_epochs=2
+        ds=(8,),
+        layers=1,
+        heads=1,
+        ffn_factor=1,
+        max_len=6,
+        lrs=(1e-2,),
+        dropouts=(0.5,),
+        losses=("bpr",),
+        min_steps=2,
+        max_steps=2,
+        threads=1,
     )
     return RecordingSASRec("sasrec", cfg, "sasrec", with_new_support=True)
 

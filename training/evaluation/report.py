@@ -32,6 +32,10 @@ LABELS = {
     "gru4rec": "GRU4Rec",
     "full_retrain": "Full",
     "pt_ft": "PT-FT",
+    "sasrec_ft": "SASRec + FT",
+    "sml": "SML",
+    "cbml": "CBML",
+    "metatl": "MetaTL",
     "mml": "MML",
     "no_gen": "No-Gen",
     "no_fusion": "No-Fusion",
@@ -45,6 +49,97 @@ LABELS = {
 }
 SETTING_LABELS = {"cold_users": "cold users", "cold_users_items": "cold users + cold items (10%)"}
 ABLATION_METRICS = ("mrr@10", "ndcg@10")  # the paper's Table 4
+# what the choices table shows of each run's `info` (chosen on the validation item)
+CHOICE_KEYS = (
+    "loss",
+    "lr",
+    "dropout",
+    "d",
+    "best_step",
+    "window",
+    "ft_group",
+    "ft_lr",
+    "ft_steps",
+    "meta_lr",
+    "passes",
+    "train_profile",
+)
+
+
+# How each baseline of training/evaluation/baselines/ is trained and selected (rendered under "Method
+# notes" for the methods in the report; the module docstrings have the details).
+METHOD_NOTES: dict[str, str] = {
+    "pop": "items ranked by their number of interactions in D_old.",
+    "itemknn": "item-to-item cosine co-occurrence in D_old (window chosen on validation), scored from the "
+    "history with linear recency weights.",
+    "sasrec": "SASRec (2 blocks, 2 heads, learned positions, tied output) trained from scratch on D_old with "
+    "full-softmax cross-entropy at every position of each old user's last 50+1 items; Adam; a step budget "
+    "that scales with the data (with a floor) and early stopping on the validation item; loss, learning "
+    "rate, dropout and size chosen by coordinate search over the grids below.",
+    "gru4rec": "GRU4Rec (one GRU layer over item embeddings, dropout on its input and output, tied output), "
+    "trained and selected exactly like SASRec (cross-entropy at every position, same windows, budget and "
+    "early stopping) over its own grids.",
+    "full_retrain": "SASRec trained on D_old plus the new users' support sequences, with SASRec's selection.",
+    "pt_ft": "MML's structure pre-trained without the inner loop, then the per-user warm-up (training/evaluation/mml_rows.py).",
+    "sasrec_ft": "the SASRec row's model, then per-user fine-tuning on the 8 support items (Adam, next-item "
+    "cross-entropy, dropout off); learning rate, steps (the grid includes 0 = SASRec itself) and parameter "
+    "group (all weights / item table / everything but the item table) chosen on the validation item.",
+    "sml": "SML (Zhang et al., SIGIR 2020): period-by-period retraining W_t = f(W_{t-1}, W_hat_t) with the "
+    "reference's convolutional transfer f, trained on the next period. Periods = old users by first "
+    "interaction (earliest 60 % train the base model, the rest in 4 periods), the new users' supports the "
+    "last period. Deviations: base model = SASRec with CE (reference: MF with BCE), the transfer acts on "
+    "every weight viewed as rows of d values, residual on W_hat with a zero-initialised output layer, a "
+    "fixed number of Adam steps per period, the best pass over the periods kept on validation.",
+    "cbml": "CBML (Song et al., CIKM 2021): MAML over few-shot tasks (10-item windows of old users: 8 "
+    "support, 2 query) with tasks soft-clustered by their items' attributes (ML-1M genres, as MML's paper "
+    "uses categories) and a cluster-aware sigmoid gate on the initial adapted parameters; GRU session "
+    "encoder, full-softmax CE. Deviations: the local update adapts the output head only (ANIL-style) "
+    "with SGD lr 1e-2, no auxiliary clustering loss, outer learning rate from the grid, step budget and "
+    "early stopping on validation.",
+    "metatl": "MetaTL (Wang et al., SIGIR 2021): translation-based transitions -||e_h + r - e_t|| with a "
+    "user relation r from an MLP over the support transitions, one inner gradient step on r, margin "
+    "ranking loss with sampled negatives; tasks = 10-item windows of old users (7 support transitions, "
+    "2 query). Deviations: d = 64 (reference 100), no BatchNorm, the inner step on the per-task loss "
+    "(beta 0.01), full-catalogue ranking, step budget and early stopping on validation.",
+}
+
+
+def grids_lines(profile: dict[str, Any], methods: list[str]) -> list[str]:
+    """The selection grids and training budgets of the trained baselines in `methods`."""
+
+    def seq(cfg: dict[str, Any]) -> str:
+        return (
+            f"loss {cfg['losses']}, lr {cfg['lrs']}, dropout {cfg['dropouts']}, d {cfg['ds']}; windows "
+            f"`{cfg['windows']}`, batch {cfg['batch_windows']} windows, budget clip({cfg['budget_epochs']:g} "
+            f"epochs, {cfg['min_steps']}, {cfg['max_steps']}) steps, patience {cfg['patience']} validations"
+        )
+
+    lines = []
+    sequential = profile.get("sequential")
+    if sequential and {"sasrec", "full_retrain", "sasrec_ft", "sml"} & set(methods):
+        lines.append(f"- Grids, SASRec / Full Retrain (coordinate search): {seq(sequential)}.")
+    if "gru4rec" in methods and sequential:
+        lines.append(f"- Grids, GRU4Rec (coordinate search): {seq(profile.get('gru4rec') or sequential)}.")
+    finetune = profile.get("finetune")
+    if finetune and "sasrec_ft" in methods:
+        lines.append(
+            f"- Grids, SASRec + FT: lr {finetune['lrs']}, steps {finetune['steps']}, groups {finetune['groups']}."
+        )
+    meta = profile.get("meta")
+    if meta and {"sml", "cbml", "metatl"} & set(methods):
+        lines.append(
+            f"- Grids, SML / CBML / MetaTL: outer lr {meta['lrs']} (CBML, MetaTL), d {meta['d']}, {meta['batch_tasks']} "
+            f"tasks per step, budget clip({meta['budget_epochs']:g} epochs, {meta['min_steps']}, {meta['max_steps']}) "
+            f"steps, patience {meta['patience']}; CBML {meta['cbml_clusters']} clusters, {meta['cbml_inner_steps']} "
+            f"local step(s) at {meta['cbml_inner_lr']:g}; MetaTL beta {meta['metatl_inner_lr']:g}, margin "
+            f"{meta['metatl_margin']:g}; SML {meta['sml_periods']} periods, {meta['sml_passes']} passes, "
+            f"{meta['sml_steps']} steps per period at lr {meta['sml_lr']:g}."
+        )
+    return lines
+
+
+def method_notes(methods: list[str]) -> list[str]:
+    return [f"- **{LABELS.get(m, m)}**: {METHOD_NOTES[m]}" for m in methods if m in METHOD_NOTES]
 
 
 def summarise(runs: list[RunResult], variant: str) -> dict[str, dict[str, float | int]]:
@@ -226,9 +321,7 @@ def _choices_table(meta: dict[str, Any]) -> list[str]:
     for setting, methods in meta.get("runs", {}).items():
         for name, run in methods.items():
             info = run["info"]
-            chosen = ", ".join(
-                f"{k}={info[k]}" for k in ("loss", "lr", "window", "train_profile") if k in info
-            )
+            chosen = ", ".join(f"{k}={info[k]}" for k in CHOICE_KEYS if k in info)
             seconds = ", ".join(f"{s:.0f}" for s in run["seconds"])
             lines.append(
                 f"| {SETTING_LABELS.get(setting, setting)} | {LABELS.get(name, name)} | {chosen or '—'} | {seconds} |"
@@ -273,8 +366,12 @@ def render_markdown(doc: dict[str, Any], discussion: str | None, figures: dict[s
         f"- Mean ± sample std over seeds. \\* = MML better or worse than the best baseline with Holm-adjusted "
         f"Wilcoxon signed-rank p < {ALPHA} (paired per user, per-user values averaged over seeds). "
         "**Bold** best, <u>underlined</u> runner-up among baselines and MML.",
+        *grids_lines(meta.get("profile_config", {}), _methods_in(doc, settings)),
         "",
     ]
+    notes = method_notes(_methods_in(doc, settings))
+    if notes:
+        lines += ["### Method notes", "", *notes, ""]
     for variant in VARIANTS:
         tables = doc if variant == "unmasked" else doc["masked"]
         title = (
@@ -332,6 +429,13 @@ def render_markdown(doc: dict[str, Any], discussion: str | None, figures: dict[s
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _methods_in(doc: dict[str, Any], settings: list[str]) -> list[str]:
+    seen: list[str] = []
+    for setting in settings:
+        seen += [m for m in doc[setting] if m not in seen]
+    return seen
 
 
 def render_rq4(rq4: dict[str, Any], figure: str | None) -> list[str]:

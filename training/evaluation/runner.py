@@ -27,17 +27,34 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mml.errors import DataError, MMLError
+from training.evaluation.baselines.finetune import FinetuneConfig
+from training.evaluation.baselines.meta_common import MetaBaselineConfig
 from training.evaluation.baselines.sequential import SequentialConfig
 from training.evaluation.metrics import METRICS
 from training.evaluation.protocol import VARIANTS, Method, RunResult, evaluate
 
 SETTINGS: tuple[str, ...] = ("cold_users", "cold_users_items")
 COLD_ITEMS_FRACTION = 0.1  # the second setting: `mml data prepare --cold-items 0.1`
-BASELINES: tuple[str, ...] = ("pop", "itemknn", "sasrec", "gru4rec", "full_retrain", "pt_ft")
+BASELINES: tuple[str, ...] = (
+    "pop",
+    "itemknn",
+    "sasrec",
+    "gru4rec",
+    "full_retrain",
+    "pt_ft",
+    "sasrec_ft",
+    "sml",
+    "cbml",
+    "metatl",
+)
+# the trained baselines of training/evaluation/baselines/ and the profile field each one's settings
+# (its cache key) come from
+SEQUENTIAL = ("sasrec", "gru4rec", "full_retrain")
 MML_ROWS: tuple[str, ...] = ("mml", "no_gen", "no_fusion", "mml_id", "mml_zero_shot")
 # MML trained with full-softmax CE instead of BPR; the same with 5x the stage-1 meta-epochs; MML
 # (BPR, CE, ID learner alone) with 80 % of each task's targets in its query set (mml_rows.py)
 OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce", "mml_ce_long", "mml_q", "mml_ce_q", "mml_id_q")
+TRAINED_BASELINES = ("sasrec_ft", "sml", "cbml", "metatl")  # no item features needed
 METHODS: tuple[str, ...] = BASELINES + MML_ROWS
 ALL_METHODS: tuple[str, ...] = METHODS + OPTIONAL_ROWS
 
@@ -48,7 +65,10 @@ class EvalProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    sequential: SequentialConfig = Field(description="SASRec / GRU4Rec / Full Retrain training and sweep")
+    sequential: SequentialConfig = Field(description="SASRec / Full Retrain training and selection grids")
+    gru4rec: SequentialConfig | None = Field(None, description="GRU4Rec's, when not `sequential`")
+    finetune: FinetuneConfig = Field(FinetuneConfig(), description="SASRec + fine-tune: the per-user grid")
+    meta: MetaBaselineConfig = Field(MetaBaselineConfig(), description="SML, CBML, MetaTL training")
     itemknn_windows: tuple[int | None, ...] = Field(
         description="co-occurrence windows tried (None = whole user)"
     )
@@ -69,8 +89,43 @@ PROFILES: dict[str, EvalProfile] = {
     # A few hours on 2 CPU cores: two learning rates, sampled windows, short early stopping.
     "quick": EvalProfile(
         name="quick",
+        # The known-good SASRec recipe first (CE, lr 3e-3, dropout 0.2, d 64, last 50+1 items per
+        # user), then a coordinate search: SASRec / Full over lr and dropout, GRU4Rec over lr and
+        # hidden size (3 trainings each); each training stops early on the validation item.
         sequential=SequentialConfig(
-            lrs=(3e-3, 1e-3), windows="one_per_sequence", max_epochs=10, patience=2, threads=1
+            ds=(64,),
+            dropouts=(0.2, 0.5),
+            lrs=(3e-3, 1e-3),
+            losses=("ce",),
+            windows="last",
+            budget_epochs=20,
+            min_steps=600,
+            max_steps=1500,
+            patience=3,
+            threads=1,
+        ),
+        gru4rec=SequentialConfig(
+            ds=(64, 128),
+            dropouts=(0.2,),
+            lrs=(3e-3, 1e-3),
+            losses=("ce",),
+            windows="last",
+            budget_epochs=20,
+            min_steps=600,
+            max_steps=1500,
+            patience=3,
+            threads=1,
+        ),
+        finetune=FinetuneConfig(lrs=(1e-4, 1e-3), steps=(0, 1, 3), groups=("all", "items"), threads=1),
+        meta=MetaBaselineConfig(
+            threads=1,
+            lrs=(1e-3,),
+            budget_epochs=20,
+            min_steps=300,
+            max_steps=1500,
+            cbml_inner_steps=1,
+            sml_passes=2,
+            sml_steps=30,
         ),
         itemknn_windows=(None, 2, 5, 20),
         train_profile="quick",
@@ -91,8 +146,18 @@ def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
     """The part of a profile that a method's result depends on (its cache key)."""
     if name == "itemknn":
         return {"windows": list(profile.itemknn_windows)}
-    if name in ("sasrec", "gru4rec", "full_retrain"):
-        return profile.sequential.model_dump(mode="json", exclude={"threads"})  # threads: speed only
+    if name in SEQUENTIAL:
+        return sequential_config(name, profile).model_dump(mode="json", exclude={"threads"})  # speed only
+    if name == "sasrec_ft":
+        return {
+            "sasrec": profile.sequential.model_dump(mode="json", exclude={"threads"}),
+            "finetune": profile.finetune.model_dump(mode="json", exclude={"threads"}),
+        }
+    if name in ("sml", "cbml", "metatl"):
+        return {
+            "sasrec": profile.sequential.model_dump(mode="json", exclude={"threads"}),
+            "meta": profile.meta.for_method(name),
+        }
     if name == "pop":
         return {}
     from training.evaluation.mml_rows import ROW_TRAINING
@@ -106,9 +171,28 @@ def config_hash(name: str, profile: EvalProfile) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# Full Retrain is SASRec trained on more data: it reuses SASRec's selected loss and learning rate
-# when SASRec ran first (one sweep fewer; the selection is still made on the validation items).
-SELECTION_FROM = {"full_retrain": "sasrec"}
+# Full Retrain is SASRec trained on more data: it reuses SASRec's selected loss, learning rate,
+# dropout and size when SASRec ran first (one search fewer; the selection is still made on the
+# validation items). SASRec + fine-tune and SML start from that SASRec too.
+SELECTION_FROM = {"full_retrain": "sasrec", "sasrec_ft": "sasrec", "sml": "sasrec"}
+
+
+def sequential_config(name: str, profile: EvalProfile) -> SequentialConfig:
+    if name == "gru4rec" and profile.gru4rec is not None:
+        return profile.gru4rec
+    return profile.sequential
+
+
+def restrict(cfg: SequentialConfig, chosen: dict[str, Any] | None) -> SequentialConfig:
+    """The config with its grids narrowed to what an earlier run chose."""
+    if not chosen or "loss" not in chosen:
+        return cfg
+    update: dict[str, Any] = {"losses": (chosen["loss"],), "lrs": (chosen["lr"],)}
+    if "dropout" in chosen:
+        update["dropouts"] = (chosen["dropout"],)
+    if "d" in chosen:
+        update["ds"] = (chosen["d"],)
+    return cfg.model_copy(update=update)
 
 
 def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None = None) -> Method:
@@ -122,14 +206,20 @@ def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None 
 
         windows = (chosen["window"],) if chosen and "window" in chosen else profile.itemknn_windows
         return ItemKNN(windows=windows)
-    if name in ("sasrec", "gru4rec", "full_retrain"):
+    if name in SEQUENTIAL:
         from training.evaluation.baselines.sequential import SequentialBaseline
 
-        cfg = profile.sequential
-        if chosen and "loss" in chosen:
-            cfg = cfg.model_copy(update={"losses": (chosen["loss"],), "lrs": (chosen["lr"],)})
+        cfg = restrict(sequential_config(name, profile), chosen)
         architecture = "gru4rec" if name == "gru4rec" else "sasrec"
         return SequentialBaseline(architecture, cfg, name, with_new_support=name == "full_retrain")
+    if name == "sasrec_ft":
+        from training.evaluation.baselines.finetune import SASRecFinetune
+
+        return SASRecFinetune(restrict(profile.sequential, chosen), profile.finetune, chosen)
+    if name in ("sml", "cbml", "metatl"):
+        from training.evaluation.baselines import meta_common
+
+        return meta_common.build(name, profile.meta, restrict(profile.sequential, chosen), chosen)
     if name == "pt_ft" or name in MML_ROWS or name in OPTIONAL_ROWS:
         from training.evaluation.mml_rows import mml_method
 
@@ -139,7 +229,11 @@ def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None 
 
 def chosen_config(info: dict[str, Any]) -> dict[str, Any]:
     """What a later seed reuses from the first seed's selection."""
-    return {key: info[key] for key in ("loss", "lr", "window") if key in info}
+    return {key: info[key] for key in CHOSEN_KEYS if key in info}
+
+
+# what a later seed / setting reuses of the first run's selection (per method, see `chosen_config`)
+CHOSEN_KEYS = ("loss", "lr", "dropout", "d", "window", "ft_lr", "ft_steps", "ft_group", "meta_lr")
 
 
 # ---- cache ----------------------------------------------------------------------------------------
@@ -246,13 +340,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[s
                 path = run_path(grid.cache, setting, name, seed)
                 result = load_run(path, grid.profile, name)
                 if result is None:
-                    if features is None and name not in (
-                        "pop",
-                        "itemknn",
-                        "sasrec",
-                        "gru4rec",
-                        "full_retrain",
-                    ):
+                    if features is None and name not in ("pop", "itemknn", *SEQUENTIAL, *TRAINED_BASELINES):
                         from training.features import load_features
 
                         features = load_features(folder)
