@@ -11,8 +11,9 @@
    interactions in time order, `POST /recall` without a history (the answer from the events stored
    so far) and then `POST /events` of that interaction, stamped with the next whole second so that
    it falls after the exposure; a user's next recall waits until that second has passed;
-3. the server is stopped (its exposure writer flushes), and `service.ab_report.build_report` reads the
-   Redis stream and the stored histories: once over every exposure, once over the last position only
+3. the server is stopped (its exposure writer flushes), and `mml ab report` reads the Redis stream and
+   the stored histories (every exposure; the command's JSON is kept); `service.ab_report.build_report`
+   reads the same records once more, to check the command, then over the last position only
    (history = support + validation item, target = query item: the offline protocol's query item,
    history excluded, i.e. the "masked" table of docs/results.md), and once per position (hit rate@10);
 4. the offline evaluation of the same two methods (`docs/results/ml-1m.json`, masked, cold users) is
@@ -27,6 +28,7 @@ import json
 import math
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -110,6 +112,7 @@ def _agreement(query_report: dict, offline: dict | None) -> dict | None:
 
 
 def run_replay(config: ReplayConfig) -> dict:
+    from devtools.harness import RedisServer, free_port, serve_process, wait_ready
     from loadtest.traffic import TrafficConfig, load_traffic
     from mml.bundle import read_manifest
     from service.ab import load_arms, read_exposures
@@ -120,7 +123,6 @@ def run_replay(config: ReplayConfig) -> dict:
         load_catalogue,
         load_events,
     )
-    from service.testing import RedisServer, free_port, serve_process, wait_ready
 
     manifest = read_manifest(config.bundle)
     traffic = load_traffic(TrafficConfig(data_dir=config.data_dir, new_items=0, k=config.k))
@@ -179,6 +181,15 @@ def run_replay(config: ReplayConfig) -> dict:
             records = list(read_exposures(redis.url))
             file_records = sum(1 for _ in read_exposures(str(tmp / "exposures.jsonl")))
             events = load_events(redis.url)
+            # the command itself on the service's sinks (exit 1 = SRM refusal, still a JSON report)
+            command = [sys.executable, "-m", "mml.cli", "ab", "report", "--exposures", redis.url]
+            command += ["--events", redis.url, "--arms", str(config.arms), "--bundle", str(config.bundle)]
+            command += ["--window", str(config.window_s), "--bootstrap", str(config.bootstrap)]
+            command += ["--seed", str(config.seed), "--json"]
+            cli = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if cli.returncode not in (0, 1):
+                raise RuntimeError(f"mml ab report failed ({cli.returncode}): {cli.stderr[-2000:]}")
+            cli_report = json.loads(cli.stdout)
         finally:
             if server is not None:
                 server.kill()
@@ -212,6 +223,7 @@ def run_replay(config: ReplayConfig) -> dict:
             "p_value": c["p_value"],
         }
     query = report(by_position[last])
+    in_process = report(records)
     offline = _offline(config.offline)
     return {
         "command": "make ab-replay  (python -m loadtest.ab_replay "
@@ -237,7 +249,9 @@ def run_replay(config: ReplayConfig) -> dict:
             "exposures_in_log_file": file_records,
             "events_read": len(events.user),
         },
-        "report_all_positions": report(records),
+        "report_command": "mml ab report --exposures REDIS --events REDIS --arms ARMS --bundle BUNDLE --json",
+        "report_all_positions": cli_report,  # the command's own output
+        "command_equals_in_process_report": cli_report == in_process,
         "report_query_position": query,
         "hit_rate@10_per_position": per_position,
         "offline": offline,
