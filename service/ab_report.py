@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,8 @@ def _redis_events(source: str, prefix: str) -> Iterator[dict]:
     client = redis.Redis.from_url(source, socket_timeout=5)
     head = f"{prefix}hist:"
     try:
-        keys = list(client.scan_iter(match=head.replace("*", r"\*") + "*", count=1000))
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", head) + "*"  # the prefix taken literally
+        keys = list(client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             pipe = client.pipeline(transaction=False)

@@ -299,8 +299,11 @@ def test_reads_the_services_redis_stream_and_histories():
         redis.Redis.from_url(url, socket_timeout=1).ping()
     except redis.RedisError:
         pytest.skip("no Redis on 127.0.0.1:6379")
-    prefix = f"test-ab-report-{uuid.uuid4().hex[:8]}:"
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"test-ab-report[x]-{tag}:"  # glob characters: the reader must take the prefix literally
+    decoy = f"test-ab-reportx-{tag}:hist:intruder"  # what the unescaped pattern would also match
     store = RedisStore(url, prefix=prefix, socket_timeout=5)
+    store.client.rpush(decoy, "1700000000\t1")
     exposures, events = simulate(np.random.default_rng(2), 200, {"control": 0.1, "mml": 0.3})
     try:
         records = []
@@ -317,7 +320,9 @@ def test_reads_the_services_redis_stream_and_histories():
         store.add_exposures(records)
         for u, item, ts in zip(events.user, events.item, events.ts, strict=True):
             store.add_event(str(u), str(item), int(ts))
-        from_redis = build_report(load_exposures(url, prefix), load_events(url, prefix), ARMS, ReportConfig())
+        read_events = load_events(url, prefix)
+        assert "intruder" not in set(read_events.user) and len(read_events.user) == len(events.user)
+        from_redis = build_report(load_exposures(url, prefix), read_events, ARMS, ReportConfig())
         from_memory = build_report(
             exposures_from_records(records), events, ARMS, ReportConfig()
         )  # the same log, never serialised
@@ -325,7 +330,7 @@ def test_reads_the_services_redis_stream_and_histories():
         assert from_redis.model_dump() == from_memory.model_dump()
         assert from_redis.comparisons["mml"]["hit_rate@10"].p_value < 1e-4
     finally:
-        keys = list(store.client.scan_iter(match=f"{prefix}*", count=1000))
+        keys = list(store.client.scan_iter(match=f"test-ab-report*-{tag}:*", count=1000))
         if keys:
             store.client.delete(*keys)
         store.close()
