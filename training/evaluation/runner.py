@@ -50,10 +50,19 @@ BASELINES: tuple[str, ...] = (
 # the trained baselines of training/evaluation/baselines/ and the profile field each one's settings
 # (its cache key) come from
 SEQUENTIAL = ("sasrec", "gru4rec", "full_retrain")
-MML_ROWS: tuple[str, ...] = ("mml", "no_gen", "no_fusion", "mml_id", "mml_zero_shot")
-# MML trained with full-softmax CE instead of BPR; the same with 5x the stage-1 meta-epochs; MML
-# (BPR, CE, ID learner alone) with 80 % of each task's targets in its query set (mml_rows.py)
-OPTIONAL_ROWS: tuple[str, ...] = ("mml_ce", "mml_ce_long", "mml_q", "mml_ce_q", "mml_id_q")
+MML_ROWS: tuple[str, ...] = (
+    "mml",
+    "mml_cooc",
+    "no_gen",
+    "no_fusion",
+    "mml_id",
+    "mml_text",
+    "mml_image",
+    "mml_zero_shot",
+)
+# the paper's recipe at a comparable budget (mml_rows.py), and SASRec fused with the co-occurrence
+# learner (fused_rows.py): the rows that show what the recipe and the meta-learning add
+OPTIONAL_ROWS: tuple[str, ...] = ("mml_paper", "sasrec_cooc")
 TRAINED_BASELINES = ("sasrec_ft", "sml", "cbml", "metatl")  # no item features needed
 METHODS: tuple[str, ...] = BASELINES + MML_ROWS
 ALL_METHODS: tuple[str, ...] = METHODS + OPTIONAL_ROWS
@@ -89,23 +98,25 @@ PROFILES: dict[str, EvalProfile] = {
     # A few hours on 2 CPU cores: two learning rates, sampled windows, short early stopping.
     "quick": EvalProfile(
         name="quick",
-        # The known-good SASRec recipe first (CE, lr 3e-3, dropout 0.2, d 64, last 50+1 items per
-        # user), then a coordinate search: SASRec / Full over lr and dropout, GRU4Rec over lr and
-        # hidden size (3 trainings each); each training stops early on the validation item.
+        # The known-good SASRec recipe (CE, lr 3e-3, dropout 0.2, d 64, the last 50+1 items of each
+        # user) as a one-point grid, GRU4Rec over two learning rates; the paper profile searches
+        # the full grids. Each training runs >= 40 % of its step budget, then stops early on the
+        # validation item. Budgets sized for 2 shared CPU cores (docs/results.md, method notes).
         sequential=SequentialConfig(
             ds=(64,),
-            dropouts=(0.2, 0.5),
-            lrs=(3e-3, 1e-3),
+            dropouts=(0.2,),
+            lrs=(3e-3,),
             losses=("ce",),
             windows="last",
             budget_epochs=20,
             min_steps=600,
             max_steps=1500,
             patience=3,
+            es_after=0.4,
             threads=1,
         ),
         gru4rec=SequentialConfig(
-            ds=(64, 128),
+            ds=(64,),
             dropouts=(0.2,),
             lrs=(3e-3, 1e-3),
             losses=("ce",),
@@ -114,15 +125,17 @@ PROFILES: dict[str, EvalProfile] = {
             min_steps=600,
             max_steps=1500,
             patience=3,
+            es_after=0.4,
             threads=1,
         ),
         finetune=FinetuneConfig(lrs=(1e-4, 1e-3), steps=(0, 1, 3), groups=("all", "items"), threads=1),
         meta=MetaBaselineConfig(
             threads=1,
             lrs=(1e-3,),
-            budget_epochs=20,
-            min_steps=300,
-            max_steps=1500,
+            budget_epochs=100,
+            min_steps=600,
+            max_steps=1200,
+            eval_every=100,
             cbml_inner_steps=1,
             sml_passes=2,
             sml_steps=30,
@@ -160,10 +173,15 @@ def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
         }
     if name == "pop":
         return {}
-    from training.evaluation.mml_rows import ROW_TRAINING
+    if name == "sasrec_cooc":
+        return {"sasrec": profile.sequential.model_dump(mode="json", exclude={"threads"}), "cooc": "v1"}
+    from training.evaluation.mml_rows import ROWS, train_config
 
-    extra = ROW_TRAINING.get(name)
-    return {"train_profile": profile.train_profile, **({"training": extra[1]} if extra else {})}
+    # the whole TrainConfig of the row's run (seed aside): a change of recipe invalidates the cache
+    cfg = train_config(ROWS[name], profile.train_profile, seed=0).model_dump(
+        mode="json", exclude={"seed", "threads"}
+    )
+    return {"train_profile": profile.train_profile, "training": cfg}
 
 
 def config_hash(name: str, profile: EvalProfile) -> str:
@@ -174,7 +192,7 @@ def config_hash(name: str, profile: EvalProfile) -> str:
 # Full Retrain is SASRec trained on more data: it reuses SASRec's selected loss, learning rate,
 # dropout and size when SASRec ran first (one search fewer; the selection is still made on the
 # validation items). SASRec + fine-tune and SML start from that SASRec too.
-SELECTION_FROM = {"full_retrain": "sasrec", "sasrec_ft": "sasrec", "sml": "sasrec"}
+SELECTION_FROM = {"sasrec_cooc": "sasrec", "full_retrain": "sasrec", "sasrec_ft": "sasrec", "sml": "sasrec"}
 
 
 def sequential_config(name: str, profile: EvalProfile) -> SequentialConfig:
@@ -220,6 +238,12 @@ def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None 
         from training.evaluation.baselines import meta_common
 
         return meta_common.build(name, profile.meta, restrict(profile.sequential, chosen), chosen)
+    if name == "sasrec_cooc":
+        from training.evaluation.baselines.sequential import SequentialBaseline
+        from training.evaluation.fused_rows import SASRecCooc
+
+        cfg = restrict(sequential_config("sasrec", profile), chosen)
+        return SASRecCooc(SequentialBaseline("sasrec", cfg, "sasrec"))
     if name == "pt_ft" or name in MML_ROWS or name in OPTIONAL_ROWS:
         from training.evaluation.mml_rows import mml_method
 

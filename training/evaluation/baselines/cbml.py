@@ -199,7 +199,15 @@ class CBML(Method):
         n_tasks = sum(len(s) >= SUPPORT + 2 for s in data.old_seqs)
         total, every = budget(n_tasks, self.cfg)
         value, extra = train_with_early_stopping(
-            net, step, validate, total, every, self.cfg.patience, self.log, f"cbml lr={lr:g}"
+            net,
+            step,
+            validate,
+            total,
+            every,
+            self.cfg.patience,
+            self.log,
+            es_after=self.cfg.es_after,
+            label=f"cbml lr={lr:g}",
         )
         return net, value, extra
 

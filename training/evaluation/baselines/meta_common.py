@@ -38,6 +38,7 @@ class MetaBaselineConfig(BaseModel):
         0, ge=0, description="steps between validations (0: one epoch, clipped to 20..200)"
     )
     patience: int = Field(3, ge=1, description="validations without improvement before stopping")
+    es_after: float = Field(0.3, ge=0.0, le=1.0, description="no early stop before this share of the budget")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout of the CBML / MetaTL networks")
     # MetaTL (Wang et al. 2021; reference code defaults)
     metatl_inner_lr: float = Field(0.01, gt=0, description="beta: the one inner step on the relation r")
@@ -128,6 +129,7 @@ def train_with_early_stopping(
     patience: int,
     log: Callable[[str], None],
     label: str,
+    es_after: float = 0.0,
 ) -> tuple[float, dict[str, Any]]:
     """Run `step(i)` up to `total` times, `validate()` every `every` steps; restores the best state
     of `module`; returns (best value, {curve, best_step, steps})."""
@@ -142,7 +144,7 @@ def train_with_early_stopping(
             best_value, best_state, best_step, stale = value, copy.deepcopy(module.state_dict()), done, 0
         else:
             stale += 1
-            if stale >= patience:
+            if stale >= patience and done >= es_after * total:
                 break
     module.load_state_dict(best_state)
     return best_value, {"curve": curve, "best_step": best_step, "steps": done, "budget": total}

@@ -157,7 +157,15 @@ class MetaTL(Method):
         n_tasks = sum(len(s) >= SUPPORT + 2 for s in data.old_seqs)
         total, every = budget(n_tasks, self.cfg)
         value, extra = train_with_early_stopping(
-            net, step, validate, total, every, self.cfg.patience, self.log, f"metatl lr={lr:g}"
+            net,
+            step,
+            validate,
+            total,
+            every,
+            self.cfg.patience,
+            self.log,
+            es_after=self.cfg.es_after,
+            label=f"metatl lr={lr:g}",
         )
         return net, value, extra
 

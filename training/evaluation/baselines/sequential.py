@@ -15,8 +15,9 @@ Training length is a budget of optimisation STEPS that scales with the data but 
 fixed number of epochs: `clip(budget_epochs * steps_per_epoch, min_steps, max_steps)`, so a dataset
 ten times smaller still gets `min_steps` updates. Every `eval_every` steps (default: one epoch,
 clipped to 20..200 steps) the validation MRR@10 is measured; the best parameters are kept and
-training stops after `patience` evaluations without improvement (early stopping on the validation
-item, the only thing the protocol lets a method look at).
+training stops after `patience` evaluations without improvement, once `es_after` of the budget is
+spent (early stopping on the validation item, the only thing the protocol lets a method look at; the
+first epochs often sit at popularity level, dip and then climb, so stopping is not allowed earlier).
 
 Model selection (validation item only): a coordinate search over the grids, in the order loss,
 learning rate, dropout, hidden size. It starts from the first value of every grid; for each
@@ -75,6 +76,9 @@ class SequentialConfig(BaseModel):
         0, ge=0, description="steps between validations (0: one epoch, clipped to 20..200)"
     )
     patience: int = Field(5, ge=1, description="validations without improvement before stopping")
+    es_after: float = Field(
+        0.3, ge=0.0, le=1.0, description="early stopping may stop only after this share of the budget"
+    )
     threads: int = Field(2, ge=1, description="torch CPU threads (speed only)")
 
 
@@ -241,7 +245,7 @@ def train_sequential(
             best_value, best_state, best_step, stale = current, copy.deepcopy(net.state_dict()), step, 0
         else:
             stale += 1
-            if stale >= cfg.patience:
+            if stale >= cfg.patience and step >= cfg.es_after * budget:
                 break
     net.load_state_dict(best_state)
     return net, best_value, {"curve": curve, "best_step": best_step, "steps": step, "budget": budget}
