@@ -112,7 +112,7 @@ def _agreement(query_report: dict, offline: dict | None) -> dict | None:
 
 
 def run_replay(config: ReplayConfig) -> dict:
-    from devtools.harness import RedisServer, free_port, serve_process, wait_ready
+    from devtools.harness import RedisServer, Server
     from loadtest.traffic import TrafficConfig, load_traffic
     from mml.bundle import read_manifest
     from service.ab import load_arms, read_exposures
@@ -130,71 +130,43 @@ def run_replay(config: ReplayConfig) -> dict:
     arms = load_arms(config.arms)
     started = datetime.now(UTC).isoformat(timespec="seconds")
 
-    with tempfile.TemporaryDirectory(prefix="mml-ab-replay-") as tmp:
-        tmp = Path(tmp)
-        redis = RedisServer(tmp)
-        redis.start()
-        server = None
-        try:
-            port = free_port()
-            log_path = tmp / "serve.log"
-            with open(log_path, "w") as server_log:
-                server = serve_process(
-                    config.bundle,
-                    port,
-                    "--arms",
-                    str(config.arms),
-                    "--redis-url",
-                    redis.url,
-                    "--log-level",
-                    "warning",
-                    env={"MML_EXPOSURE_LOG": str(tmp / "exposures.jsonl")},
-                    stdout=server_log,
-                    stderr=subprocess.STDOUT,
-                )
-                try:
-                    wait_ready(f"http://127.0.0.1:{port}", server, config.ready_timeout_s)
-                except RuntimeError as exc:
-                    raise RuntimeError(f"{exc}; server log:\n{log_path.read_text()[-3000:]}") from exc
-                client = _Client(port)
-                answers: dict[str, int] = {}
-                fallbacks: dict[str, int] = {}
-                t0 = time.monotonic()
-                last_ts = 0
-                for position, steps in enumerate(rounds):
-                    while time.time() <= last_ts:  # a user's next recall comes after its last event's second
-                        time.sleep(0.01)
-                    for user, item in steps:
-                        body = traffic.recall_stored(user) | {
-                            "request_id": f"{config.tag}-p{position}-{user}"
-                        }
-                        answer = client.post("/recall", body)
-                        answers[answer["arm"]] = answers.get(answer["arm"], 0) + 1
-                        fallbacks[answer["arm"]] = fallbacks.get(answer["arm"], 0) + int(answer["fallback"])
-                        last_ts = int(time.time()) + 1  # the next whole second: after the exposure
-                        client.post("/events", traffic.event(user, item, last_ts))
-                seconds = time.monotonic() - t0
-            server.terminate()  # graceful: the exposure writer flushes what is queued
-            server.wait(timeout=60)
-            server = None
-
-            records = list(read_exposures(redis.url))
-            file_records = sum(1 for _ in read_exposures(str(tmp / "exposures.jsonl")))
-            events = load_events(redis.url)
-            # the command itself on the service's sinks (exit 1 = SRM refusal, still a JSON report)
-            command = [sys.executable, "-m", "mml.cli", "ab", "report", "--exposures", redis.url]
-            command += ["--events", redis.url, "--arms", str(config.arms), "--bundle", str(config.bundle)]
-            command += ["--window", str(config.window_s), "--bootstrap", str(config.bootstrap)]
-            command += ["--seed", str(config.seed), "--json"]
-            cli = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            if cli.returncode not in (0, 1):
-                raise RuntimeError(f"mml ab report failed ({cli.returncode}): {cli.stderr[-2000:]}")
-            cli_report = json.loads(cli.stdout)
-        finally:
-            if server is not None:
-                server.kill()
-                server.wait()
-            redis.stop()
+    with tempfile.TemporaryDirectory(prefix="mml-ab-replay-") as tmp, RedisServer() as redis:
+        server = Server(
+            config.bundle,
+            Path(tmp),
+            redis_url=redis.url,
+            args=("--arms", str(config.arms.absolute())),  # the server runs in `tmp`
+        )
+        with server.start(config.ready_timeout_s):
+            client = _Client(server.port)
+            answers: dict[str, int] = {}
+            fallbacks: dict[str, int] = {}
+            t0 = time.monotonic()
+            last_ts = 0
+            for position, steps in enumerate(rounds):
+                while time.time() <= last_ts:  # a user's next recall comes after its last event's second
+                    time.sleep(0.01)
+                for user, item in steps:
+                    body = traffic.recall_stored(user) | {"request_id": f"{config.tag}-p{position}-{user}"}
+                    answer = client.post("/recall", body)
+                    answers[answer["arm"]] = answers.get(answer["arm"], 0) + 1
+                    fallbacks[answer["arm"]] = fallbacks.get(answer["arm"], 0) + int(answer["fallback"])
+                    last_ts = int(time.time()) + 1  # the next whole second: after the exposure
+                    client.post("/events", traffic.event(user, item, last_ts))
+            seconds = time.monotonic() - t0
+        # the server has stopped gracefully (SIGTERM): its exposure writer flushed what was queued
+        records = list(read_exposures(redis.url))
+        file_records = sum(1 for _ in read_exposures(str(Path(tmp) / "exposures.jsonl")))
+        events = load_events(redis.url)
+        # the command itself on the service's sinks (exit 1 = SRM refusal, still a JSON report)
+        command = [sys.executable, "-m", "mml.cli", "ab", "report", "--exposures", redis.url]
+        command += ["--events", redis.url, "--arms", str(config.arms), "--bundle", str(config.bundle)]
+        command += ["--window", str(config.window_s), "--bootstrap", str(config.bootstrap)]
+        command += ["--seed", str(config.seed), "--json"]
+        cli = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if cli.returncode not in (0, 1):
+            raise RuntimeError(f"mml ab report failed ({cli.returncode}): {cli.stderr[-2000:]}")
+        cli_report = json.loads(cli.stdout)
 
     catalogue = load_catalogue(config.bundle)
     report_config = ReportConfig(window_s=config.window_s, bootstrap=config.bootstrap, seed=config.seed)
