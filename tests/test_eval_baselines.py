@@ -150,6 +150,10 @@ def test_metatl_learns_the_transition(line) -> None:
     value = _mrr(method, split)
     assert value > pop + 0.3, (value, pop)
     assert method.info["meta_lr"] == 1e-2 and method.info["best_step"] > 0
+    # the loss is chosen on validation: the reference's margin loss or full-softmax CE
+    assert set(method.info["validation"]) == {"loss=margin/lr=0.01", "loss=ce/lr=0.01"}
+    best = max(method.info["validation"].items(), key=lambda kv: kv[1]["value"])[0]
+    assert best == f"loss={method.info['meta_loss']}/lr=0.01"
 
 
 def test_cbml_learns_the_transition_and_uses_item_attributes(line) -> None:

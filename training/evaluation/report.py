@@ -61,6 +61,7 @@ CHOICE_KEYS = (
     "ft_lr",
     "ft_steps",
     "meta_lr",
+    "meta_loss",
     "passes",
     "train_profile",
 )
@@ -100,7 +101,10 @@ METHOD_NOTES: dict[str, str] = {
     "user relation r from an MLP over the support transitions, one inner gradient step on r, margin "
     "ranking loss with sampled negatives; tasks = 10-item windows of old users (7 support transitions, "
     "2 query). Deviations: d = 64 (reference 100), no BatchNorm, the inner step on the per-task loss "
-    "(beta 0.01), full-catalogue ranking, step budget and early stopping on validation.",
+    "(beta 0.01), full-catalogue ranking, step budget and early stopping on validation, and the loss "
+    "chosen on validation between the reference's margin loss and full-softmax cross-entropy over the "
+    "negative distances (the margin loss with one uniform negative learns mostly popularity under "
+    "full ranking).",
 }
 
 

@@ -134,7 +134,7 @@ PROFILES: dict[str, EvalProfile] = {
             lrs=(1e-3,),
             budget_epochs=100,
             min_steps=600,
-            max_steps=1200,
+            max_steps=600,
             eval_every=100,
             cbml_inner_steps=1,
             sml_passes=2,
@@ -257,7 +257,18 @@ def chosen_config(info: dict[str, Any]) -> dict[str, Any]:
 
 
 # what a later seed / setting reuses of the first run's selection (per method, see `chosen_config`)
-CHOSEN_KEYS = ("loss", "lr", "dropout", "d", "window", "ft_lr", "ft_steps", "ft_group", "meta_lr")
+CHOSEN_KEYS = (
+    "loss",
+    "lr",
+    "dropout",
+    "d",
+    "window",
+    "ft_lr",
+    "ft_steps",
+    "ft_group",
+    "meta_lr",
+    "meta_loss",
+)
 
 
 # ---- cache ----------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class MetaBaselineConfig(BaseModel):
     # MetaTL (Wang et al. 2021; reference code defaults)
     metatl_inner_lr: float = Field(0.01, gt=0, description="beta: the one inner step on the relation r")
     metatl_margin: float = Field(1.0, gt=0, description="margin of the ranking loss")
+    metatl_losses: tuple[str, ...] = Field(
+        ("margin", "ce"), description="margin ranking (reference) / full-softmax CE over -distances; chosen"
+    )
     metatl_hidden: tuple[int, int] = Field((500, 200), description="relation MLP hidden sizes")
     # CBML (Song et al. 2021)
     cbml_clusters: int = Field(8, ge=1, description="soft clusters of the task (attribute) embeddings")

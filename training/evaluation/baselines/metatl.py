@@ -21,7 +21,11 @@ so training and test take the same step (the reference averages over the batch i
 over one task at test, a ~1000x difference), with beta = `metatl_inner_lr` = 0.01 (about twice the
 reference's effective training step, 5 / 1024 batch); full-catalogue ranking
 instead of 100 sampled negatives; training length by step budget and early stopping on the
-validation item (the reference runs a fixed number of batches).
+validation item (the reference runs a fixed number of batches); and the loss is chosen on the
+validation item between the reference's margin loss (`margin`) and full-softmax cross-entropy with
+logits -||e_h + r - e_j|| over every item (`ce`, the loss every other trained baseline here uses):
+with one uniform negative per transition, the margin loss learns mostly popularity under
+full-catalogue ranking.
 """
 
 from __future__ import annotations
@@ -81,13 +85,33 @@ def margin_loss(net, heads, tails, negatives, r, margin: float):
     return F.relu(margin - (pos - neg)).mean(1)  # (B,)
 
 
-def adapted_relation(net, support, negatives, cfg: MetaBaselineConfig, create_graph: bool = False):
+def softmax_loss(net, heads, tails, r):
+    """Per-task mean full-softmax cross-entropy with logits -||e_h + r - e_j|| over every item j."""
+    import torch.nn.functional as F
+
+    anchor = net.items(heads) + r[:, None]  # (B, P, d)
+    table = net.items.weight[1:]
+    dist2 = (anchor**2).sum(-1, keepdim=True) - 2 * anchor @ table.T + (table**2).sum(-1)
+    logits = -dist2.clamp(min=1e-8).sqrt()
+    losses = F.cross_entropy(logits.transpose(1, 2), tails - 1, reduction="none")
+    return losses.mean(1)
+
+
+def transition_loss(net, heads, tails, negatives, r, cfg: MetaBaselineConfig, loss: str):
+    if loss == "ce":
+        return softmax_loss(net, heads, tails, r)
+    return margin_loss(net, heads, tails, negatives, r, cfg.metatl_margin)
+
+
+def adapted_relation(
+    net, support, negatives, cfg: MetaBaselineConfig, create_graph: bool = False, loss_name: str = "margin"
+):
     """r' = r - beta * d(support loss)/dr for each task (first-order like the reference)."""
     import torch
 
     with torch.enable_grad():
         r = net.relation_of(support)
-        loss = margin_loss(net, support[:, :-1], support[:, 1:], negatives, r, cfg.metatl_margin).sum()
+        loss = transition_loss(net, support[:, :-1], support[:, 1:], negatives, r, cfg, loss_name).sum()
         (grad,) = torch.autograd.grad(loss, r, create_graph=create_graph)
     return r - cfg.metatl_inner_lr * (grad if create_graph else grad.detach())
 
@@ -114,13 +138,25 @@ class MetaTL(Method):
         super().__init__()
         self.cfg = cfg
         self.lrs = (chosen["meta_lr"],) if chosen and "meta_lr" in chosen else cfg.lrs
+        self.losses = (chosen["meta_loss"],) if chosen and "meta_loss" in chosen else cfg.metatl_losses
 
     def fit(self, data: TrainData, validator: Validator) -> None:
         import torch
 
         torch.set_num_threads(self.cfg.threads)
         self.n_items, self.seed = data.n_items, data.seed
-        self.net = select_lr(lambda lr: self._train(data, validator, lr), self.lrs, self.info)
+        best = None
+        for loss in self.losses:
+            self.loss = loss
+            model = select_lr(lambda lr: self._train(data, validator, lr), self.lrs, found := {})
+            for key, value in found["validation"].items():
+                self.info.setdefault("validation", {})[f"loss={loss}/{key}"] = value
+            if best is None or found["validation_best"] > best[0]:
+                best = (found["validation_best"], loss, found, model)
+        assert best is not None
+        _, self.loss, found, self.net = best
+        self.info.update({k: found[k] for k in ("validation_best", "meta_lr", "best_step")})
+        self.info["meta_loss"] = self.loss
         self.net.eval()
 
     def _train(self, data: TrainData, validator: Validator, lr: float):
@@ -137,9 +173,9 @@ class MetaTL(Method):
             tasks = torch.as_tensor(sample_metatl_tasks(data.old_seqs, self.cfg.batch_tasks, rng))
             support, query = tasks[:, :SUPPORT], tasks[:, SUPPORT - 1 :]
             negatives = torch.as_tensor(rng.integers(1, high, size=(len(tasks), SUPPORT - 1)))
-            r = adapted_relation(net, support, negatives, self.cfg)
+            r = adapted_relation(net, support, negatives, self.cfg, loss_name=self.loss)
             q_neg = torch.as_tensor(rng.integers(1, high, size=(len(tasks), query.shape[1] - 1)))
-            loss = margin_loss(net, query[:, :-1], query[:, 1:], q_neg, r, self.cfg.metatl_margin).mean()
+            loss = transition_loss(net, query[:, :-1], query[:, 1:], q_neg, r, self.cfg, self.loss).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -177,7 +213,7 @@ class MetaTL(Method):
             rng.integers(1, self.n_items + 1, size=(len(support), support.shape[1] - 1))
         )
         return adapted_relation(
-            net, torch.as_tensor(np.asarray(support, np.int64)), negatives, self.cfg
+            net, torch.as_tensor(np.asarray(support, np.int64)), negatives, self.cfg, loss_name=self.loss
         ).detach()
 
     def _scores(self, net, support: np.ndarray, history: np.ndarray, seed: int, r=None) -> np.ndarray:
