@@ -29,7 +29,6 @@ Targets (mml/bench.py): p50 <= 3 ms, p99 <= 10 ms, >= 500 requests/s.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -39,6 +38,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from devtools.harness import Server, cpu_seconds
+from devtools.load import CONNECTIONS, run_client
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_CANDIDATES = (  # `make export`'s bundle, then the service tests' export of the quick-trained run
@@ -50,89 +52,9 @@ STEADY_SECONDS = 15.0
 RAMP_RATES = (300.0, 500.0, 700.0, 900.0, 1200.0, 1500.0, 2000.0)
 RAMP_SECONDS = 5.0
 P99_LIMIT_MS = 20.0
-CONNECTIONS = 64  # the client's keep-alive connections (in flight at most)
-
-
-# --- the load generator (runs in its own process) -------------------------------------------------
-
-
-async def _load(port: int, bodies: list[bytes], rate: float, seconds: float) -> dict:
-    n = int(rate * seconds)
-    client_ms = np.full(n, np.nan)
-    server_ms = np.full(n, np.nan)
-    statuses = np.zeros(n, np.int32)
-    counter = iter(range(n))
-    t0 = time.perf_counter() + 0.05
-
-    async def connection() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for i in counter:
-                due = t0 + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                body = bodies[i % len(bodies)]
-                writer.write(
-                    b"POST /recall HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-                )
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                statuses[i] = int(lines[0].split()[1])
-                length = 0
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    name = name.lower()
-                    if name == "content-length":
-                        length = int(value)
-                    elif name == "server-timing":
-                        for entry in value.split(","):
-                            key, _, dur = entry.strip().partition(";dur=")
-                            if key == "app":
-                                server_ms[i] = float(dur)
-                await reader.readexactly(length)
-                client_ms[i] = (time.perf_counter() - due) * 1000
-        finally:
-            writer.close()
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(connection() for _ in range(CONNECTIONS)), return_exceptions=True)
-    elapsed = time.perf_counter() - start
-    failures = [r for r in results if isinstance(r, BaseException)]
-    done = ~np.isnan(client_ms)
-    return {
-        "sent": n,
-        "answered": int(done.sum()),
-        "errors": int((statuses[done] != 200).sum()) + (n - int(done.sum())),
-        "connection_failures": len(failures),
-        "seconds": elapsed,
-        "client_ms": client_ms[done].tolist(),
-        "server_ms": server_ms[done & ~np.isnan(server_ms)].tolist(),
-    }
-
-
-def _client_main() -> None:
-    """Entry of the load-generator process: JSON job on stdin, JSON results on stdout."""
-    job = json.loads(sys.stdin.read())
-    bodies = [b.encode() for b in job["bodies"]]
-    out = asyncio.run(_load(job["port"], bodies, job["rate"], job["seconds"]))
-    sys.stdout.write(json.dumps(out))
-
-
-def _run_client(port: int, bodies: list[str], rate: float, seconds: float) -> dict:
-    job = json.dumps({"port": port, "bodies": bodies, "rate": rate, "seconds": seconds})
-    proc = subprocess.run(
-        [sys.executable, "-c", "from service.bench import _client_main; _client_main()"],
-        input=job,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 120,
-        cwd=REPO,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout)
+ONE_WORKER_RATES = (400.0, 600.0, 800.0, 1000.0, 1200.0, 1400.0, 1600.0)
+ONE_WORKER_P99_MS = 10.0
+ONE_WORKER_CONNECTIONS = 4  # the issue's setting: one worker, 4 connections, 1..10-item histories
 
 
 # --- the benchmark --------------------------------------------------------------------------------
@@ -185,74 +107,127 @@ def _find_bundle(context: dict) -> Path | None:
     return next((p for p in BUNDLE_CANDIDATES if (p / "manifest.json").is_file()), None)
 
 
-def _start_server(bundle: Path, port: int, log_dir: Path, workers: int) -> subprocess.Popen:
-    from service.testing import serve_process
-
-    return serve_process(
-        bundle,
-        port,
-        *("--host", "127.0.0.1", "--workers", str(workers), "--log-level", "warning"),
-        env={"MML_EXPOSURE_LOG": str(log_dir / "exposures.jsonl")},
-        cwd=REPO,
-        stderr=open(log_dir / "server.log", "w"),  # noqa: SIM115 (closed with the process)
-    )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (the uvicorn workers), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 ADAPT_STEPS = (1, 2, 5)
 ADAPT_REQUESTS = 20
 
 
 def _adapt_latency(bundle: Path, bodies: list[str]) -> dict:
-    """Median pipeline time (no HTTP) per adapt_steps value; torch only for N > 0."""
+    """Median time of the mml chain's stages (no HTTP, no runner) per adapt_steps value; torch only
+    for N > 0."""
     from threadpoolctl import threadpool_limits
 
-    from service.items import ItemRegistry, NewItemTable
-    from service.pipeline import RecallPipeline
+    from service.items import ItemRegistry
+    from service.recall import mml_chain, run_chain
     from service.runtime import Runtime
+    from service.schemas import RecallRequest
+    from service.snapshot import BundleState
     from service.store import MemoryStore
+    from service.topk import TopKConfig
 
     threadpool_limits(limits=1)
+    store = MemoryStore()
     runtime = Runtime.load(bundle)
-    table = NewItemTable(runtime, ItemRegistry(MemoryStore(), 0))
-    histories = [json.loads(b)["history"] for b in bodies[:ADAPT_REQUESTS]]
-    pipelines = {0: RecallPipeline(runtime, table)}
+    snapshot = BundleState(runtime, ItemRegistry(store, 0), TopKConfig()).next_snapshot(None)
+    requests = [
+        RecallRequest(user_id="bench", history=json.loads(b)["history"]) for b in bodies[:ADAPT_REQUESTS]
+    ]
+    chains = {0: mml_chain(store)}
     try:
-        from service.adapt import AdaptingPipeline
+        from service.adapt import AdaptingModel
 
-        pipelines.update({n: AdaptingPipeline(runtime, table, n) for n in ADAPT_STEPS})
+        chains.update({n: mml_chain(store, AdaptingModel(runtime, n)) for n in ADAPT_STEPS})
     except ModuleNotFoundError:
         print("service bench: no torch: adapt_steps > 0 not measured", file=sys.stderr)
+
     out = {}
-    for steps, pipeline in pipelines.items():
-        pipeline(histories[0], 100)  # first call: allocations, lazy init
+    for steps, chain in chains.items():
+        run_chain(chain, snapshot, requests[0])  # first call: allocations, lazy init
         times = []
-        for history in histories:
+        for request in requests:
             start = time.perf_counter()
-            pipeline(history, 100)
+            run_chain(chain, snapshot, request)
             times.append(time.perf_counter() - start)
         out[f"recall_adapt{steps}_p50_ms"] = round(float(np.median(times)) * 1000, 3)
     return out
 
 
-def run(context: dict | None = None) -> dict:
-    from service.testing import free_port, wait_ready
+def _short_bodies(bundle: Path, count: int, seed: int = 1) -> list[str]:
+    """1..10-item histories drawn by popularity (the one-worker throughput workload)."""
+    bodies = []
+    for body in _bodies(bundle, count * 3, seed):
+        parsed = json.loads(body)
+        if len(parsed["history"]) <= 10:
+            bodies.append(body)
+    rng = np.random.default_rng(seed)
+    return [
+        json.dumps({**json.loads(b), "history": json.loads(b)["history"][: int(rng.integers(1, 11))]})
+        for b in (bodies or _bodies(bundle, count, seed))[:count]
+    ]
 
+
+def _ramp(port: int, bodies: list[str], rates, limit_ms: float, connections: int) -> tuple[float, dict]:
+    """The highest rate whose client p99 (from each request's due time) is <= limit_ms with zero
+    errors and >= 95 % of the rate delivered; stops at the first step that misses."""
+    best, steps = 0.0, {}
+    for rate in rates:
+        r = run_client(port, bodies, rate, RAMP_SECONDS, connections)
+        p99 = float(np.percentile(r["client_ms"], 99)) if r["client_ms"] else float("inf")
+        delivered = r["answered"] / r["seconds"]
+        steps[rate] = (p99, r["errors"], delivered)
+        if p99 > limit_ms or r["errors"] or delivered < 0.95 * rate:
+            break
+        best = rate
+    return best, steps
+
+
+def _measure(
+    bundle: Path, code: Path, bodies: list[str], long_bodies: list[str], short: list[str], workers: int
+) -> dict:
+    """Every HTTP figure of one version of the code (`code`: a checkout of the repository)."""
+    env = {"PYTHONPATH": str(code)}  # this checkout's packages before the installed ones
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="mml-bench-") as tmp:
+        with Server(bundle, Path(tmp) / "multi", workers=workers, env=env, cwd=code) as server:
+            run_client(server.port, bodies[:200], 100.0, 2.0)  # warm connections and caches
+            cpu_before = cpu_seconds(server.process.pid)
+            steady = run_client(server.port, bodies, STEADY_RATE, STEADY_SECONDS)
+            cpu_ms = (cpu_seconds(server.process.pid) - cpu_before) * 1000 / max(steady["answered"], 1)
+            long = run_client(server.port, long_bodies, STEADY_RATE, STEADY_SECONDS)
+            best, ramp = _ramp(server.port, bodies, RAMP_RATES, P99_LIMIT_MS, CONNECTIONS)
+        with Server(bundle, Path(tmp) / "one", workers=1, env=env, cwd=code) as server:
+            run_client(server.port, short[:200], 100.0, 2.0, ONE_WORKER_CONNECTIONS)
+            one, one_ramp = _ramp(
+                server.port, short, ONE_WORKER_RATES, ONE_WORKER_P99_MS, ONE_WORKER_CONNECTIONS
+            )
+    for name, steps in (("ramp", ramp), ("one worker", one_ramp)):
+        for rate, (p99, errors, delivered) in steps.items():
+            print(f"  {code.name} {name} {rate:6.0f} req/s: client p99 {p99:7.2f} ms, errors {errors}, "
+                  f"delivered {delivered:.0f}/s", file=sys.stderr)  # fmt: skip
+    server_ms, long_ms = np.asarray(steady["server_ms"]), np.asarray(long["server_ms"])
+    figures.update(
+        {
+            "recall_p50_ms": round(float(np.percentile(server_ms, 50)), 3),
+            "recall_p99_ms": round(float(np.percentile(server_ms, 99)), 3),
+            "recall_long_p50_ms": round(float(np.percentile(long_ms, 50)), 3),
+            "recall_long_p99_ms": round(float(np.percentile(long_ms, 99)), 3),
+            "recall_client_p99_ms": round(float(np.percentile(steady["client_ms"], 99)), 3),
+            "recall_steady_errors": float(steady["errors"]),
+            "recall_max_rps_p99_20ms": best,
+            "recall_rps_one_worker_p99_10ms": one,
+            "recall_server_cpu_ms_per_request": round(cpu_ms, 3),
+        }
+    )
+    return figures
+
+
+def _checkout(ref: str, into: Path) -> Path:
+    """A detached worktree of `ref` (the baseline of a side-by-side run)."""
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(into), ref], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    return into
+
+
+def run(context: dict | None = None) -> dict:
     context = context or {}
     bundle = _find_bundle(context)
     if bundle is None:
@@ -264,53 +239,33 @@ def run(context: dict | None = None) -> dict:
         return {}
     long_bodies = _bodies(bundle, 2000)
     bodies = _new_user_bodies(bundle) or long_bodies
+    short = _short_bodies(bundle, 2000)
     workload = "new users (support + validation items)" if bodies is not long_bodies else "popularity mix"
     load_average = os.getloadavg()[0]  # other work on the machine: latency figures depend on it
-    port = free_port()
     workers = int(context.get("service_workers") or min(2, os.cpu_count() or 1))
-    with tempfile.TemporaryDirectory(prefix="mml-bench-") as tmp:
-        server = _start_server(bundle, port, Path(tmp), workers)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", server)
-            _run_client(port, bodies[:200], 100.0, 2.0)  # warm connections and caches
-            cpu_before = _cpu_seconds(server.pid)
-            steady = _run_client(port, bodies, STEADY_RATE, STEADY_SECONDS)
-            cpu_ms = (_cpu_seconds(server.pid) - cpu_before) * 1000 / max(steady["answered"], 1)
-            long = _run_client(port, long_bodies, STEADY_RATE, STEADY_SECONDS)
-            best = 0.0
-            ramp = {}
-            for rate in RAMP_RATES:
-                r = _run_client(port, bodies, rate, RAMP_SECONDS)
-                p99 = float(np.percentile(r["client_ms"], 99)) if r["client_ms"] else float("inf")
-                delivered = r["answered"] / r["seconds"]
-                ramp[rate] = (p99, r["errors"], delivered)
-                if p99 > P99_LIMIT_MS or r["errors"] or delivered < 0.95 * rate:
-                    break
-                best = rate
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    adapt = _adapt_latency(bundle, long_bodies)
-    server_ms = np.asarray(steady["server_ms"])
-    long_ms = np.asarray(long["server_ms"])
-    for rate, (p99, errors, delivered) in ramp.items():
-        print(
-            f"  {rate:6.0f} req/s: client p99 {p99:7.2f} ms, errors {errors}, delivered {delivered:.0f}/s",
-            file=sys.stderr,
+    baseline = context.get("baseline") or os.environ.get("MML_BENCH_BASELINE")
+    out = {}
+    if baseline:  # the same measurements on another version of the code, in the same run
+        with tempfile.TemporaryDirectory(prefix="mml-baseline-") as tmp:
+            code = _checkout(baseline, Path(tmp) / "baseline")
+            try:
+                before = _measure(bundle, code, bodies, long_bodies, short, workers)
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(code)], cwd=REPO, check=False)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", baseline], cwd=REPO, capture_output=True, text=True
         )
+        out["recall_baseline_ref"] = f"{baseline} ({rev.stdout.strip()})"
+        out.update({f"baseline_{k}": v for k, v in before.items()})
+    out.update(_measure(bundle, REPO, bodies, long_bodies, short, workers))
+    if baseline:
+        out["recall_p50_ms_minus_baseline"] = round(out["recall_p50_ms"] - out["baseline_recall_p50_ms"], 3)
     return {
-        "recall_p50_ms": round(float(np.percentile(server_ms, 50)), 3),
-        "recall_p99_ms": round(float(np.percentile(server_ms, 99)), 3),
+        **out,
         "recall_workload": workload,
-        "recall_long_p50_ms": round(float(np.percentile(long_ms, 50)), 3),
-        "recall_long_p99_ms": round(float(np.percentile(long_ms, 99)), 3),
-        "recall_client_p99_ms": round(float(np.percentile(steady["client_ms"], 99)), 3),
-        "recall_steady_errors": float(steady["errors"]),
-        "recall_max_rps_p99_20ms": best,
         "recall_bench_workers": float(workers),
         "recall_bench_load_average": round(load_average, 2),
-        "recall_server_cpu_ms_per_request": round(cpu_ms, 3),
-        **adapt,
+        **_adapt_latency(bundle, long_bodies),
     }
 
 

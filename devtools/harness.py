@@ -1,19 +1,105 @@
-"""Test and benchmark helpers: a redis-server of one's own on a free port, the app under a real uvicorn
-server in a thread (real HTTP over loopback). Not used by the service itself."""
+"""The dev harness (not shipped: `pip install .` leaves this package out): the one copy of the
+launchers, readiness wait, process sampling and timers that tests/, `mml bench` (devtools/
+bench_service.py), loadtest/ and reliability/ use. Loopback only; every wait is bounded.
+
+    free_port()                       a free loopback TCP port
+    RedisServer(dir | None)           redis-server of one's own: persistent RDB in `dir`, or none
+    serve_process(bundle, port, ...)  `mml serve` as a child process, a clean service environment
+    wait_ready(url, proc)             poll /readyz until 200 (seconds waited)
+    Server(bundle, workdir, ...)      serve_process + wait_ready + logs + graceful stop
+    ThreadedServer(app)               the app under uvicorn in a thread (real HTTP, one process)
+    process_tree / cpu_seconds / rss_bytes / proc_sample / stop_process
+    Timer                             seconds since it was made
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+HOST = "127.0.0.1"
 SERVICE_ENV_PREFIXES = ("MML_", "REDIS_", "PROMETHEUS_")
+READY_TIMEOUT_S = 180.0  # loading a bundle takes seconds; a cold machine with two workers, more
+STOP_TIMEOUT_S = 30.0  # graceful shutdown before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not start on port {port}")
+
+
+# --- redis-server of one's own --------------------------------------------------------------------
+
+
+class RedisServer:
+    """redis-server on a free loopback port. With `directory`, an RDB file there: stop() saves and
+    start() reloads it; without, no persistence: a kill loses every key, as a crashed cache would."""
+
+    def __init__(self, directory: Path | None = None, port: int | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.port = port or free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        persistence = ["--dir", str(self.directory), "--save", "3600 1"] if self.directory else ["--save", ""]
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", HOST, *persistence, "--appendonly", "no",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(self.port, timeout, "redis-server")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: redis saves its RDB when it has a save point, then exits."""
+        if self.process is not None:
+            stop_process(self.process, 10)
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, connections reset, state lost."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path | None = None):
+    with RedisServer(directory) as server:
+        yield server
+
+
+# --- `mml serve` ------------------------------------------------------------------------------------
 
 
 def serve_process(
@@ -27,82 +113,117 @@ def serve_process(
     return subprocess.Popen(command, env={**clean, **(env or {})}, **popen)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll URL/readyz until 200; RuntimeError if the process exits or the time runs out."""
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> float:
+    """Poll URL/readyz until 200; the seconds it took. RuntimeError if the process exits or the
+    time runs out."""
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"mml serve exited during start-up (code {proc.returncode})")
         with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
             with urllib.request.urlopen(f"{url}/readyz", timeout=1) as answer:
                 if answer.status == 200:
-                    return
+                    return time.monotonic() - start
         time.sleep(0.1)
     raise RuntimeError(f"mml serve did not become ready within {timeout:.0f} s")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def stop_process(proc: subprocess.Popen | None, grace: float = STOP_TIMEOUT_S) -> int | None:
+    """SIGTERM (uvicorn drains in-flight requests), SIGKILL after `grace` seconds; the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
 
 
-class RedisServer:
-    """redis-server on a free port with an RDB file in `directory`: stop() saves, start() reloads."""
+class Server:
+    """`mml serve` on a free loopback port; stdout and stderr go to files in `workdir`, which is
+    also its working directory (exposures there too unless `env` names another log)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self,
+        bundle: Path,
+        workdir: Path,
+        *,
+        token: str | None = None,
+        redis_url: str | None = None,
+        workers: int = 1,
+        log_level: str = "warning",
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        cwd: Path | None = None,
+    ) -> None:
+        self.bundle, self.workdir = Path(bundle), Path(workdir)
+        self.token, self.redis_url, self.workers, self.log_level = token, redis_url, workers, log_level
+        self.extra_env, self.args, self.cwd = env or {}, args, cwd
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"http://{HOST}:{self.port}"
+        self.stdout_path = self.workdir / "server.stdout"
+        self.stderr_path = self.workdir / "server.stderr"
         self.process: subprocess.Popen | None = None
+        self.ready_seconds = 0.0
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "3600 1",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+    def start(self, timeout: float = READY_TIMEOUT_S) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {"MML_EXPOSURE_LOG": str(self.workdir / "exposures.jsonl"), **self.extra_env}
+        if self.token is not None:
+            env["MML_ADMIN_TOKEN"] = self.token  # the environment, never the command line
+        args = ["--host", HOST, "--workers", str(self.workers), "--log-level", self.log_level, *self.args]
+        if self.redis_url:
+            args += ["--redis-url", self.redis_url]
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = serve_process(
+                self.bundle.absolute(),
+                self.port,
+                *args,
+                env=env,
+                cwd=self.cwd or self.workdir,
+                stdout=out,
+                stderr=err,
+            )
+        try:
+            self.ready_seconds = wait_ready(self.url, self.process, timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.stderr()[-2000:]}") from exc
+        return self
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()  # SIGTERM: redis saves its RDB (a save point is configured), then exits
-            self.process.wait(timeout=10)
-            self.process = None
+    def worker_pids(self) -> list[int]:
+        """The processes that answer requests: the server itself with one worker, else its
+        children that are uvicorn workers (multiprocessing's resource tracker left out)."""
+        if self.workers == 1:
+            return [self.process.pid]
+        pids = []
+        for pid in children(self.process.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"resource_tracker" not in cmdline:
+                pids.append(pid)
+        return pids
 
+    def stop(self, grace: float = STOP_TIMEOUT_S) -> int | None:
+        code = stop_process(self.process, grace)
+        self.process = None
+        return code
 
-@contextlib.contextmanager
-def redis_server(directory: Path):
-    server = RedisServer(directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 class ThreadedServer:
@@ -112,8 +233,8 @@ class ThreadedServer:
         import uvicorn
 
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.url = f"http://{HOST}:{self.port}"
+        config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -133,74 +254,67 @@ class ThreadedServer:
         self.thread.join(timeout=30)
 
 
-# --- test bundles ---------------------------------------------------------------------------------
-
-BUNDLE_SOURCES = ("model", "training/export", "mml/bundle.py", "mml/bundle_loader.py", "mml/neighbours.py")
+# --- processes ------------------------------------------------------------------------------------
 
 
-def sources_digest(repo: Path) -> str:
-    """A digest of the code that shapes a bundle: a cached test bundle is rebuilt when it changes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for rel in BUNDLE_SOURCES:
-        path = repo / rel
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.relative_to(repo).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def untrained_bundle(data_dir: Path, out: Path, seed: int, model_version: str) -> Path:
-    """Export a randomly initialised MML over a prepared split + features (real item ids, features,
-    encoders): a valid bundle in ~30 s, for tests of the serving machinery. Needs torch (the
-    training extra); the service itself never imports this. Reused when `out` already holds it."""
-    import json
-
-    from mml.bundle import read_manifest
-
-    if (out / "manifest.json").is_file() and read_manifest(out).model_version == model_version:
-        return out
-    import pandas as pd
-    import torch
-
-    from model.config import ModelConfig
-    from model.mml import MML
-    from training.export import export_model
-    from training.export.tables import popularity_counts
-    from training.features import load_features
-
-    torch.manual_seed(seed)
-    features = load_features(data_dir)
-    stats = json.loads((data_dir / "stats.json").read_text())
-    model = MML(ModelConfig(), stats["n_old_items"], features.text, features.image, features.image_mask)
-    old = pd.read_parquet(data_dir / "old_interactions.parquet", columns=["item_idx"])["item_idx"].to_numpy()
-    export_model(
-        model,
-        out,
-        item_ids=features.item_id,
-        popularity=popularity_counts([old], model.n_items),
-        encoders_dir=data_dir / "encoders",
-        model_version=model_version,
-        overwrite=True,
-        dataset={"name": "ml-1m", "untrained": True},
-    )
+def children(pid: int) -> list[int]:
+    out = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(p) for p in (task / "children").read_text().split()]
     return out
 
 
-def trained_bundle(run_dir: Path, data_dir: Path, out: Path) -> Path:
-    """`mml export` of a finished training run to `out`, re-exported only when the run's final
-    checkpoint or the export code changed. Needs torch."""
-    import hashlib
-
-    from mml.bundle import read_manifest
-    from training.export import export_bundle
-
-    final = Path(run_dir) / "stage3.pt"
-    digest = hashlib.sha256(final.read_bytes()).hexdigest()[:10]
-    version = f"trained-{digest}-{sources_digest(Path(__file__).resolve().parents[1])}"
-    if (out / "manifest.json").is_file() and read_manifest(out).model_version == version:
-        return out
-    export_bundle(run_dir, out, data_dir, model_version=version, overwrite=True)
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (the uvicorn workers of `mml serve --workers N`)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+@dataclass
+class ProcSample:
+    t: float  # seconds since the sampler started
+    pid: int
+    rss_bytes: int
+    open_fds: int
+
+
+def proc_sample(pid: int, t: float = 0.0) -> ProcSample:
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return ProcSample(t, pid, rss, len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants (VmRSS), bytes."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += proc_sample(p).rss_bytes
+    return total
+
+
+@dataclass
+class Timer:
+    start: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> float:
+        return round(time.monotonic() - self.start, 3)

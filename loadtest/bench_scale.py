@@ -5,7 +5,7 @@ IVF top-k stage (`service.topk.IvfTopK`, served with `MML_TOPK__KIND=ivf`) with 
 
     python -m loadtest.bench_scale [BUNDLE]          # prints the figures as JSON
 
-`run(context)`: context keys `bundle` (else MML_BENCH_BUNDLE, else the bundles `service.bench` looks
+`run(context)`: context keys `bundle` (else MML_BENCH_BUNDLE, else the bundles `devtools.bench_service` looks
 for; none: the documented Gaussian fallback) and `scale` (a dict of `ScaleConfig` overrides).
 Headline figures: `scale_1m_p99_ms` and `scale_1m_recall_at_100` (the fastest method whose
 recall@100 >= 0.95; targets in mml/bench.py: <= 10 ms and >= 0.95), `scale_1m_method`; the IVF
@@ -24,7 +24,7 @@ from pathlib import Path
 from loadtest.scale import ScaleConfig, run_scale
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLE_CANDIDATES = (  # the same order as service/bench.py
+BUNDLE_CANDIDATES = (  # the same order as devtools/bench_service.py
     REPO / "artifacts" / "bundles" / "quick",
     REPO / ".cache" / "test-artifacts" / "service-bundles" / "trained",
 )

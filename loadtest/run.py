@@ -18,7 +18,6 @@ Exit status: 0 when every threshold held and the exposures show no sample ratio 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -27,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -62,65 +60,6 @@ class LoadTestConfig(BaseModel):
 # --- processes --------------------------------------------------------------------------------------
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
-    """Seconds until GET /readyz answers 200; raises if the server exits or the time runs out."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited during start-up (status {proc.returncode})")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        time.sleep(0.2)
-    raise RuntimeError(f"the service was not ready after {timeout:.0f} s")
-
-
-def _process_tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the uvicorn workers), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for p in _process_tree(pid):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
-
-
-def _rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its children (VmRSS), bytes."""
-    total = 0
-    for p in _process_tree(pid):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-def _stop(proc: subprocess.Popen | None, grace: float = 40.0) -> None:
-    """SIGTERM (uvicorn drains in-flight requests), SIGKILL after `grace` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def _metrics(url: str) -> dict[str, float]:
     """Counters of the service's /metrics worth a line in the report, summed over labels."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -144,10 +83,18 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def run_loadtest(config: LoadTestConfig) -> int:
+    from devtools.harness import (
+        RedisServer,
+        cpu_seconds,
+        free_port,
+        rss_bytes,
+        serve_process,
+        stop_process,
+        wait_ready,
+    )
     from mml.bundle import read_manifest
     from mml.errors import MMLError
     from service.ab import count_users, load_arms, read_exposures, srm_check
-    from service.testing import RedisServer, free_port
 
     if not (config.bundle / "manifest.json").is_file():
         raise MMLError(f"--bundle {config.bundle}: no bundle there (build one with `make export`)")
@@ -176,20 +123,18 @@ def run_loadtest(config: LoadTestConfig) -> int:
     try:
         if redis is not None:
             redis.start()
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
-        env.update(MML_ADMIN_TOKEN=token, MML_EXPOSURE_LOG=str(tmp / "exposures.jsonl"))
+        env = {"MML_ADMIN_TOKEN": token, "MML_EXPOSURE_LOG": str(tmp / "exposures.jsonl")}
         if redis is not None:
             env["REDIS_URL"] = redis.url
-        command = [
-            sys.executable, "-m", "mml.cli", "serve", "--bundle", str(config.bundle), "--arms", str(config.arms),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", str(config.workers),
-            "--log-level", "warning",
-        ]  # fmt: skip
+        args = ["--arms", str(config.arms), "--host", "127.0.0.1", "--workers", str(config.workers),
+                "--log-level", "warning"]  # fmt: skip
         print(f"loadtest: starting the service on {url} ({facts['store']} store)", file=sys.stderr)
         with open(tmp / "server.log", "w") as server_log:
-            server = subprocess.Popen(command, env=env, cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT)
-        facts["ready_seconds"] = _wait_ready(url, server, config.ready_timeout_s)
-        facts["rss_ready_bytes"] = _rss_bytes(server.pid)
+            server = serve_process(
+                config.bundle, port, *args, env=env, cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT
+            )
+        facts["ready_seconds"] = wait_ready(url, server, config.ready_timeout_s)
+        facts["rss_ready_bytes"] = rss_bytes(server.pid)
         print(
             f"loadtest: ready after {facts['ready_seconds']:.1f} s; locust for {config.run_time_s} s",
             file=sys.stderr,
@@ -205,15 +150,15 @@ def run_loadtest(config: LoadTestConfig) -> int:
             "--p99-ms", str(t.recall_p99_ms), "--max-failure-ratio", str(t.max_failure_ratio),
             "--min-requests", str(t.min_requests), "--summary-json", str(tmp / "summary.json"),
         ]  # fmt: skip
-        cpu_before = _cpu_seconds(server.pid)
+        cpu_before = cpu_seconds(server.pid)
         locust = subprocess.Popen(command, env={**env, "MML_ADMIN_TOKEN": token}, cwd=REPO)
         try:
             locust_rc = locust.wait(timeout=config.run_time_s + 180)
         except subprocess.TimeoutExpired:
-            _stop(locust, grace=10)
+            stop_process(locust, grace=10)
             raise RuntimeError("locust did not finish in time") from None
-        facts["server_cpu_seconds"] = _cpu_seconds(server.pid) - cpu_before
-        facts["rss_after_bytes"] = _rss_bytes(server.pid)
+        facts["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu_before
+        facts["rss_after_bytes"] = rss_bytes(server.pid)
         facts["metrics"] = _metrics(url)
     except BaseException:
         if server is not None and (tmp / "server.log").is_file():
@@ -221,8 +166,8 @@ def run_loadtest(config: LoadTestConfig) -> int:
         print(f"loadtest: server log and exposures kept in {tmp}", file=sys.stderr)
         raise
     finally:
-        _stop(locust, grace=10)
-        _stop(server)
+        stop_process(locust, grace=10)
+        stop_process(server, grace=40)
         if redis is not None:
             redis.stop()
 

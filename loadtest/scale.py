@@ -14,7 +14,7 @@ inner product search (MIPS) over the rows of items_concat.
 the real mean and full 3d x 3d covariance (the correlations within and across the three 64-d blocks),
 then each block rescaled to the block norms of a real item drawn at random, so the per-block norm
 distributions are the real ones exactly. Queries are real: the bundle's `recall.onnx` run on
-histories of catalogue items drawn by popularity (as in `service/bench.py`), 1..max_len items long.
+histories of catalogue items drawn by popularity (as in `devtools/bench_service.py`), 1..max_len items long.
 Without a bundle (`fit_items` not called): every block N(0, I/d) (block norms about 1), queries
 N(0, I/(3d)); the figures then say `scale_data = "gaussian"`.
 

@@ -38,7 +38,7 @@ from reliability.harness import (
     WORK,
     Load,
     ProxyProcess,
-    RedisProcess,
+    RedisServer,
     Server,
     linked_copy,
     machine,
@@ -120,7 +120,7 @@ def run(plan: Plan, bundles: tuple[Path, Path] | None = None) -> dict:
     auth = {"Authorization": f"Bearer {token}"}
     phases: dict[str, dict] = {}
     machine_before = machine()
-    redis = RedisProcess()
+    redis = RedisServer()
     redis.start()
     proxy = ProxyProcess(redis.port, workdir).start()
     server = Server(a, workdir / "server", token=token, redis_url=f"redis://127.0.0.1:{proxy.port}/0")

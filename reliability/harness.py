@@ -1,27 +1,26 @@
-"""What every reliability script shares: the test bundles, a redis-server of our own, `mml serve` as a
-real process, a paced load generator that records every answer, /proc sampling of a process, and
-the results file. Loopback only; every loop is bounded in time."""
+"""What the reliability scripts share beyond the dev harness (devtools/harness.py: redis-server,
+`mml serve`, /proc sampling, timers): the test bundles, hard-linked bundle copies, the latency
+proxy, a paced load generator that records every answer, and the results file. Loopback only;
+every loop is bounded in time."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
+from devtools.bundles import sources_digest
+from devtools.harness import ProcSample, RedisServer, Server, Timer, free_port, proc_sample, wait_port
 from mml.errors import MMLError
-from service.testing import free_port, sources_digest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "reliability.json"
@@ -29,9 +28,7 @@ DATA = REPO / ".cache" / "test-artifacts" / "ml-1m"  # the split + features the 
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
 WORK = REPO / ".cache" / "reliability"  # servers' logs, corrupted bundle copies (git-ignored)
 
-HOST = "127.0.0.1"
-READY_TIMEOUT_S = 180.0  # loading a bundle takes seconds; a cold machine with two workers, more
-STOP_TIMEOUT_S = 30.0  # graceful shutdown before SIGKILL
+__all__ = ["ProcSample", "RedisServer", "Server", "Timer", "proc_sample"]  # the dev harness's, re-exported
 
 
 # --- test bundles ---------------------------------------------------------------------------------
@@ -41,7 +38,7 @@ def test_bundles() -> tuple[Path, Path]:
     """Two bundles (untrained MML over the ML-1M split, seeds 0 and 1), the same the service tests
     use (same cache directory and model versions, so whichever runs first builds them). Builds the
     split and features from MML_DATA_MIRROR when the cache has none."""
-    from service.testing import untrained_bundle
+    from devtools.bundles import untrained_bundle
 
     if not (DATA / "features.npz").is_file():
         mirror = os.environ.get("MML_DATA_MIRROR")
@@ -89,71 +86,7 @@ def replace_file(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-# --- redis-server of our own ------------------------------------------------------------------------
-
-
-class RedisProcess:
-    """redis-server on a free loopback port, no persistence (`--save "" --appendonly no`): a kill
-    loses every key, as a crashed cache would."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise MMLError("redis-server is not installed (apt-get install redis-server)")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.2):
-                return
-            time.sleep(0.02)
-        raise MMLError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, connections reset, state lost."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-            self.process = None
-
-    def __enter__(self) -> RedisProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+# --- the latency proxy ----------------------------------------------------------------------------
 
 
 class ProxyProcess:
@@ -189,12 +122,8 @@ class ProxyProcess:
             cwd=REPO,
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.2):
-                return self
-            time.sleep(0.02)
-        raise MMLError("the latency proxy did not start")
+        wait_port(self.port, timeout, "the latency proxy")
+        return self
 
     def set_delay(self, seconds: float) -> None:
         tmp = self.delay_file.with_suffix(".tmp")
@@ -207,122 +136,6 @@ class ProxyProcess:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
-
-
-# --- `mml serve` as a real process ----------------------------------------------------------------
-
-
-class Server:
-    """`mml serve` (uvicorn, its own process) on a free loopback port; stdout and stderr go to files
-    in `workdir`, which is also its working directory."""
-
-    def __init__(
-        self,
-        bundle: Path,
-        workdir: Path,
-        *,
-        token: str | None = None,
-        redis_url: str | None = None,
-        workers: int = 1,
-        log_level: str = "warning",
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.bundle, self.workdir = Path(bundle), Path(workdir)
-        self.token, self.redis_url, self.workers, self.log_level = token, redis_url, workers, log_level
-        self.extra_env = env or {}
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.stdout_path = self.workdir / "server.stdout"
-        self.stderr_path = self.workdir / "server.stderr"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MML_", "REDIS_", "PROMETHEUS_"))}
-        env.update(self.extra_env)
-        env.setdefault("MML_EXPOSURE_LOG", str(self.workdir / "exposures.jsonl"))
-        if self.token is not None:
-            env["MML_ADMIN_TOKEN"] = self.token  # the environment, never the command line
-        args = [sys.executable, "-m", "mml.cli", "serve", "--bundle", str(self.bundle.absolute()),
-                "--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
-                "--log-level", self.log_level]  # fmt: skip
-        if self.redis_url:
-            args += ["--redis-url", self.redis_url]
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(args, env=env, cwd=self.workdir, stdout=out, stderr=err)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise MMLError(f"mml serve exited with {self.process.returncode}: {self.stderr()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise MMLError(f"mml serve was not ready after {timeout:.0f} s")
-
-    def worker_pids(self) -> list[int]:
-        """The processes that answer requests: the server itself with one worker, else its
-        children that are uvicorn workers (multiprocessing's resource tracker left out)."""
-        if self.workers == 1:
-            return [self.process.pid]
-        pids = []
-        for pid in children(self.process.pid):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"resource_tracker" not in cmdline:
-                pids.append(pid)
-        return pids
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=10)
-        self.process = None
-        return code
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
-
-    def __enter__(self) -> Server:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            out += [int(p) for p in (task / "children").read_text().split()]
-    return out
-
-
-@dataclass
-class ProcSample:
-    t: float  # seconds since the sampler started
-    pid: int
-    rss_bytes: int
-    open_fds: int
-
-
-def proc_sample(pid: int, t: float = 0.0) -> ProcSample:
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-    return ProcSample(t, pid, rss, len(os.listdir(f"/proc/{pid}/fd")))
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -503,11 +316,3 @@ def update_results(path: Path, section: str, payload: dict) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[section] = json.loads(json.dumps(payload).replace(f"{REPO}/", ""))  # paths relative to the checkout
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-@dataclass
-class Timer:
-    start: float = field(default_factory=time.monotonic)
-
-    def __call__(self) -> float:
-        return round(time.monotonic() - self.start, 3)

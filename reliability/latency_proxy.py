@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.testing import free_port
+from devtools.harness import free_port
 
 HOST = "127.0.0.1"
 READ_SIZE = 65536

@@ -35,7 +35,7 @@ from reliability.harness import (
     RESULTS,
     WORK,
     Load,
-    RedisProcess,
+    RedisServer,
     Server,
     machine,
     proc_sample,
@@ -79,7 +79,7 @@ def run(seconds: float, rate: float, workers: int, sample_every: float, bundle: 
     warmup = max(WARMUP_MIN_S, WARMUP_SHARE * seconds)
     samples, registrations = [], []
     machine_before = machine()
-    with RedisProcess() as redis:
+    with RedisServer() as redis:
         server = Server(bundle, workdir / "server", token=token, redis_url=redis.url, workers=workers)
         with server:
             pids = server.worker_pids()

@@ -10,7 +10,7 @@ eager model (`torch/`, loaded by `training.export.load_torch_model`) runs this p
 
 After adaptation the fusion weights and user vectors give (query, bias) in the same closed form as
 recall.onnx, with the catalogue moments of the exported bundle, so the scoring stage (catalogue +
-registered new items, exclusions, top-k) is shared with the ONNX path, and `adapt_steps = 0` here
+registered new items, exclusions, top-k) is the ONNX path's chain with this model stage, and `adapt_steps = 0` here
 gives the ONNX path's answer (a test checks it). Registered new items take part in the support
 loss through their generated ID embeddings and projected features.
 
@@ -24,17 +24,20 @@ import threading
 
 import numpy as np
 
-from service.items import NewItemTable, TableSnapshot
-from service.pipeline import RecallPipeline
+from service.items import TableSnapshot
 from service.runtime import Runtime
 
 ADAPT_SEED = 0  # negatives are drawn from a fixed seed: the same request gets the same answer
 
 
-class AdaptingPipeline(RecallPipeline):
-    kind = "mml"
+class AdaptingModel:
+    """The `model` stage of an arm with adapt_steps > 0 (service/recall.py): ctx.known (catalogue
+    rows and new-item positions, most recent max_len) -> ctx.query, ctx.bias after `steps` local
+    updates on the request's own history."""
 
-    def __init__(self, runtime: Runtime, new_items: NewItemTable, steps: int) -> None:
+    name = "model"
+
+    def __init__(self, runtime: Runtime, steps: int) -> None:
         import torch
 
         from mml.bundle_loader import TORCH_CONFIG
@@ -42,7 +45,7 @@ class AdaptingPipeline(RecallPipeline):
         from training.export import load_torch_model
         from training.export.tables import fusion_moments, item_vectors
 
-        super().__init__(runtime, new_items)
+        self.runtime = runtime
         if runtime.bundle.torch_dir is None:
             raise BundleError(
                 f"bundle {runtime.model_version} ships no torch/ weights: adapt_steps > 0 needs them "
@@ -87,9 +90,12 @@ class AdaptingPipeline(RecallPipeline):
             self._extended = (table, tensors)
         return tensors
 
-    def _encode(self, known: list[tuple[int, int]], table: TableSnapshot):
+    def __call__(self, ctx) -> None:
+        if ctx.fallback:
+            return
         n_catalogue = self.runtime.dims.n_items + 1
-        return np.asarray([row if row >= 0 else n_catalogue + pos for row, pos in known], np.int64)
+        items = np.asarray([row if row >= 0 else n_catalogue + pos for row, pos in ctx.known], np.int64)
+        ctx.query, ctx.bias = self._query(items, ctx.snapshot.new_items)
 
     def _inputs(self, name: str, seq, ext: dict):
         valid = seq > 0

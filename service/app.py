@@ -1,5 +1,6 @@
-"""The HTTP layer: FastAPI routes (thin: each hands its parsed body to RecallService), the body size
-and content-type guard, and error handlers that turn every bad input into a 4xx naming the field.
+"""The HTTP layer: FastAPI routes (thin: each parses, calls one RecallService method, serialises),
+the body size and content-type guard, and error handlers that turn every bad input into a 4xx
+naming the field. POST /recall is timed and recorded by the runner (service/recall.py), not here.
 
     POST /recall             recommendations for a user            (schemas.RecallRequest)
     POST /events             append to a user's stored history     (schemas.EventIn)
@@ -34,8 +35,9 @@ from threadpoolctl import threadpool_limits
 
 from service import metrics
 from service.config import ServiceSettings, load_settings
-from service.deployment import RecallService
 from service.errors import ApiError
+from service.handlers import RecallService
+from service.recall import count_refused
 from service.schemas import (
     ErrorResponse,
     EventIn,
@@ -52,6 +54,7 @@ from service.schemas import (
 
 log = logging.getLogger("mml.service")
 JSON_TYPES = ("application/json",)
+ARRIVED = "mml.arrived"  # ASGI scope key: perf_counter() when the request reached the app
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 409, 413, 415, 422, 503)}
 
 
@@ -69,10 +72,8 @@ class HttpGuard:
     * Refuses bodies over the size cap with 413 (by Content-Length, or while reading a chunked
       body) and non-JSON bodies with 415; the body is read here and handed on, so a route never
       reads past the cap.
-    * Observes every POST /recall answer, whatever its status: `mml_recall_requests_total{arm,
-      status}`, and for 200s `mml_recall_request_seconds{arm}`, timed from the first byte of the
-      request to the start of the response (parsing, validation and serialisation included); the
-      same time goes into the `Server-Timing` header as `app`.
+    * Stamps when a request reached the app (`scope[ARRIVED]`): the recall runner times `app` (and
+      `mml_recall_request_seconds`) from there, so parsing and validation are included.
     """
 
     def __init__(self, app, settings: ServiceSettings) -> None:
@@ -82,8 +83,7 @@ class HttpGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["path"] == "/recall":
-            send = _observed(send, time.perf_counter())
+        scope[ARRIVED] = time.perf_counter()
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         s = self.settings
@@ -92,7 +92,7 @@ class HttpGuard:
         length = headers.get(b"content-length")
         too_large = f"larger than the limit of {cap} bytes"
         if length is not None and (not length.isdigit() or int(length) > cap):
-            return await _refuse(send, 413, "too_large", too_large)
+            return await _refuse(scope, send, 413, "too_large", too_large)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -101,7 +101,7 @@ class HttpGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > cap:
-                return await _refuse(send, 413, "too_large", too_large)
+                return await _refuse(scope, send, 413, "too_large", too_large)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -109,7 +109,7 @@ class HttpGuard:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
         if body and ctype not in JSON_TYPES and not ctype.endswith("+json"):
             detail = f"must be application/json, got '{ctype or '(none)'}'"
-            return await _refuse(send, 415, "unsupported_media_type", detail, "Content-Type")
+            return await _refuse(scope, send, 415, "unsupported_media_type", detail, "Content-Type")
 
         replayed = False
 
@@ -123,29 +123,9 @@ class HttpGuard:
         await self.app(scope, replay, send)
 
 
-def _observed(send, start: float):
-    async def wrapped(message):
-        if message["type"] == "http.response.start":
-            elapsed = time.perf_counter() - start
-            status = message["status"]
-            headers = message.setdefault("headers", [])
-            arm = next((v.decode() for k, v in headers if k.lower() == b"x-mml-arm"), "none")
-            metrics.REQUESTS.labels(arm=arm, status=str(status)).inc()
-            if status == 200:
-                metrics.REQUEST_SECONDS.labels(arm=arm).observe(elapsed)
-            timing = f"app;dur={elapsed * 1000:.3f}".encode()
-            for n, (k, v) in enumerate(headers):
-                if k.lower() == b"server-timing":
-                    headers[n] = (k, v + b", " + timing)
-                    break
-            else:
-                headers.append((b"server-timing", timing))
-        await send(message)
-
-    return wrapped
-
-
-async def _refuse(send, status: int, error: str, detail: str, field: str = "body") -> None:
+async def _refuse(scope, send, status: int, error: str, detail: str, field: str = "body") -> None:
+    if scope["path"] == "/recall":
+        count_refused(status)
     payload = _error_body(error, detail, field)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -162,6 +142,18 @@ def _field(loc: tuple) -> str:
         if source == "header" and parts:
             return parts[0]
     return ".".join(parts) or "body"
+
+
+def _counted(handler):
+    """Refused POST /recall requests are counted (arm `none`) where they are answered."""
+
+    def wrapped(request: Request, exc: Exception) -> JSONResponse:
+        response = handler(request, exc)
+        if request.url.path == "/recall":
+            count_refused(response.status_code)
+        return response
+
+    return wrapped
 
 
 def _validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -232,12 +224,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(service.load)  # verify, load, warm up: only then accept requests
+        # verify, load, warm up: only then accept requests
+        await run_in_threadpool(service.lifecycle.load)
+        service.lifecycle.start()  # item sync (+ following the other workers' reloads)
         _install_sighup(service)
-        follower = asyncio.create_task(_follow_group(service)) if service.group is not None else None
         yield
-        if follower is not None:
-            follower.cancel()
         service.close()
 
     app = FastAPI(
@@ -248,10 +239,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(HttpGuard, settings=settings)
-    app.add_exception_handler(RequestValidationError, _validation_response)
-    app.add_exception_handler(ApiError, _api_error_response)
-    app.add_exception_handler(StarletteHTTPException, _http_error_response)
-    app.add_exception_handler(Exception, _server_error_response)
+    app.add_exception_handler(RequestValidationError, _counted(_validation_response))
+    app.add_exception_handler(ApiError, _counted(_api_error_response))
+    app.add_exception_handler(StarletteHTTPException, _counted(_http_error_response))
+    app.add_exception_handler(Exception, _counted(_server_error_response))
 
     def admin(authorization: str | None = Header(None)) -> None:
         """Bearer token of PUT /items and /admin/*, compared in constant time."""
@@ -264,33 +255,18 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.post("/recall", response_model=RecallResponse, tags=["recall"])
     async def recall(
+        request: Request,
         body: RecallRequest,
         x_mml_arm: str | None = Header(None, description="QA override of the arm assignment"),
         x_request_id: str | None = Header(None, max_length=128),
     ) -> Response:
         """Top-k items for a user. `history` (oldest first) or, when absent, the stored history.
 
-        Runs on the event loop, not in the thread pool: the pipeline is ~1 ms of CPU (Redis calls
-        are bounded by short timeouts and the circuit breaker), and a thread hop per request costs
-        more than it gains with one core per worker."""
-        answer = service.recall(body, x_mml_arm, x_request_id)
-        t = answer.timings
-        metrics.observe_stages({k: v for k, v in t.items() if k != "total"})
-        if answer.response.fallback:
-            metrics.FALLBACKS.labels(arm=answer.arm).inc()
-        if answer.response.degraded:
-            metrics.DEGRADED.labels(arm=answer.arm).inc()
-        service.record_exposure(answer.exposure)
-        timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in t.items())
-        return Response(
-            answer.response.model_dump_json(),
-            media_type="application/json",
-            headers={
-                "X-MML-Arm": answer.arm,
-                "X-Request-ID": answer.response.request_id,
-                "Server-Timing": timing,
-            },
-        )
+        Runs on the event loop, not in the thread pool: the stages are ~1 ms of CPU and touch no
+        lock (the stored-history read is bounded by short timeouts and the circuit breaker), and a
+        thread hop per request costs more than it gains with one core per worker."""
+        answer = service.recall(body, x_mml_arm, x_request_id, request.scope.get(ARRIVED))
+        return Response(answer.body, media_type="application/json", headers=answer.headers)
 
     @app.post(
         "/events", response_model=EventOut, response_model_exclude_none=True, status_code=202, tags=["state"]
@@ -326,8 +302,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """Load a bundle (new `path`, or the current one again), warm it up, then swap it in."""
         start = time.perf_counter()
         body = body or ReloadRequest()
-        served = service.reload(body.path, body.arm)
-        workers = service.group.workers if service.group is not None else 1
+        served = service.lifecycle.reload(body.path, body.arm)
+        group = service.lifecycle.group
+        workers = group.workers if group is not None else 1
         return ReloadResponse(reloaded=served, seconds=round(time.perf_counter() - start, 3), workers=workers)
 
     # probes run on the event loop: they must not queue behind work in the thread pool
@@ -344,7 +321,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             {
                 "ready": True,
                 "pid": os.getpid(),  # which worker answered (several per replica under --workers N)
-                "arms": {name: arm.pipeline.model_version for name, arm in deployment.arms.items()},
+                "arms": {name: arm.model_version for name, arm in deployment.arms.items()},
                 "store": service.store.kind,
                 "store_available": service.store.available(),
             }
@@ -358,20 +335,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     return app
 
 
-async def _follow_group(service: RecallService) -> None:
-    """With several workers: make the reloads another worker published (service/workers.py), in a
-    thread, while this worker keeps answering on the event loop."""
-    from service.workers import POLL_S
-
-    while True:
-        await asyncio.sleep(POLL_S)
-        try:
-            if service.pending_publication():
-                await run_in_threadpool(service.follow_published)
-        except Exception:  # a bad control folder must not stop the worker; it is logged each poll
-            log.exception("following the worker group's reloads failed")
-
-
 def _install_sighup(service: RecallService) -> None:
     """SIGHUP reloads the bundle(s) from their current paths (single-process server; under
     `--workers N` uvicorn's supervisor answers SIGHUP by restarting the workers, which load the
@@ -382,7 +345,7 @@ def _install_sighup(service: RecallService) -> None:
 
     def reload_logged() -> None:
         try:
-            served = service.reload()
+            served = service.lifecycle.reload()
             log.info("SIGHUP reload: serving %s", served)
         except ApiError as exc:
             log.error("SIGHUP reload failed: %s", exc.message)

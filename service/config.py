@@ -53,6 +53,10 @@ class ServiceSettings(BaseSettings):
     """A user's history expires this long after their last event (0 = never)."""
     event_dedupe_ttl_s: int = Field(24 * 3600, alias="MML_EVENT_DEDUPE_TTL_S", ge=1)
     """POST /events: how long an `event_id` is remembered per user (a retry within it is not appended)."""
+    item_sync_s: float = Field(0.2, alias="MML_ITEM_SYNC_S", gt=0, le=60)
+    """How often each worker's background sync reads the registry version (one Redis GET) and, when
+    it changed, builds the next serving snapshot: an item registered on any worker is a candidate
+    on every worker within this plus the build (generator + item tower, ~ms per item)."""
     local_cache_items: int = Field(100_000, alias="MML_LOCAL_CACHE_ITEMS", ge=0)
     """New-item features and generated embeddings kept in process memory (serves them while Redis is down)."""
 

@@ -1,16 +1,17 @@
 """Registered new items: items that arrived after the bundle was built (PUT /items).
 
-`ItemRegistry` (one per process) knows which items are registered and their features. It polls the
-store's registration counter (one GET per request) and re-reads the id -> revision map only when
-it changed, so an item registered on any replica becomes visible to every replica on its next
-request. It keeps its own copies (a local cache) so that, while Redis is down, the last known
+`ItemRegistry` (one per process) knows which items are registered and their features. It reads the
+store's registration counter (one GET per sync round of service/lifecycle.py's background item
+sync, never on the request path) and re-reads the id -> revision map only when it changed, so an
+item registered on any replica becomes a candidate on every replica within one sync round. It keeps its own copies (a local cache) so that, while Redis is down, the last known
 registrations and their features are still served (in degraded mode).
 
 `NewItemTable` (one per loaded bundle) holds, for every registered item that is not in that bundle's
 catalogue, what the model needs: the generated ID embedding (Faiss neighbours + generator.onnx,
 cached in the store per model version and item revision), its pretrained features, and its row of the
 fused item matrix [id_emb | text_vec | image_vec], so new items are ranked like catalogue items.
-Updates are copy-on-write: a request reads one consistent snapshot without a lock.
+Updates are copy-on-write: `sync` (background sync, PUT /items) builds a new `TableSnapshot`, which
+goes into the next serving snapshot (service/snapshot.py); requests never call it.
 """
 
 from __future__ import annotations
@@ -140,16 +141,22 @@ class NewItemTable:
         self._built_version: str | None = None  # registry version the snapshot fully reflects
         self._sync_lock = threading.Lock()
 
+    @property
+    def built_version(self) -> str | None:
+        """The registry version the current snapshot fully reflects (None: not yet, or incomplete)."""
+        return self._built_version
+
     def sync(self) -> tuple[TableSnapshot, bool, float]:
         """Bring the table up to date with the registry. Returns (snapshot, degraded, seconds spent
-        warming up items). Requests call it first: one store round trip and O(1) work when the
-        registrations did not change since the last complete build."""
+        warming up items): one store round trip and O(1) work when the registrations did not change
+        since the last complete build. Called by the background item sync and PUT /items, never by
+        a request."""
         version, revisions, degraded = self.registry.snapshot()
         if version is not None and version == self._built_version:
             return self.snapshot, degraded, 0.0
         # A catalogue item of this bundle is served from the catalogue, never as a new item.
         wanted = {i: r for i, r in revisions.items() if i not in self.runtime.row_of}
-        with self._sync_lock:  # one request builds the update; the others wait for it, then reuse it
+        with self._sync_lock:  # the sync thread and PUT /items: one builds, the other reuses it
             if self.snapshot.covers(wanted):
                 self._built_version = None if degraded else version
                 return self.snapshot, degraded, 0.0

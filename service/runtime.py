@@ -30,8 +30,7 @@ import numpy as np
 from mml.bundle_loader import ENCODERS_DIR, LoadedBundle, load_bundle
 from mml.errors import BundleError
 
-SERVING_GRAPHS = ("recall", "generator", "item_tower")  # the fast path
-SPLIT_GRAPHS = ("learner_id", "learner_text", "learner_image", "fusion", "generator", "item_tower")
+SERVING_GRAPHS = ("recall", "generator", "item_tower")  # what serving opens (the split graphs stay unread)
 LENGTH_BUCKET = 8  # dynamic-length graphs: histories are padded to a multiple of this (or max_len)
 
 
@@ -81,11 +80,7 @@ class Runtime:
         self.items_concat = bundle.items_concat  # score = items_concat[i] . query + bias
         self.row_of = bundle.row_of
         self.popular_rows = (np.argsort(-self.popularity[1:], kind="stable") + 1).astype(np.int64)
-        self.fused = "recall" in bundle.sessions
-        sequence_roles = (
-            ("recall",) if self.fused else ("learner_id", "learner_text", "learner_image", "fusion")
-        )
-        dynamic = all(bundle.sequence_length(role) is None for role in sequence_roles)
+        dynamic = bundle.sequence_length("recall") is None
         self.length_buckets = length_buckets(self.dims.max_len, dynamic)
         self.encoders_dir = bundle.encoders_dir
         self.encoder_fingerprint = self._fingerprint(ENCODERS_DIR + "/")
@@ -96,12 +91,7 @@ class Runtime:
     @classmethod
     def load(cls, path: str | Path) -> Runtime:
         start = time.perf_counter()
-        path = Path(path)
-        from mml.bundle import read_manifest
-
-        graphs = read_manifest(path).graphs if path.is_dir() else {}
-        roles = SERVING_GRAPHS if "recall" in graphs else SPLIT_GRAPHS
-        runtime = cls(load_bundle(path, intra_op_num_threads=1, roles=roles))
+        runtime = cls(load_bundle(Path(path), intra_op_num_threads=1, roles=SERVING_GRAPHS))
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query per request: threads would only contend
@@ -165,24 +155,8 @@ class Runtime:
         raise ValueError(f"history length {n} outside 1..{self.dims.max_len}")
 
     def query(self, x: SequenceInputs) -> tuple[np.ndarray, np.ndarray]:
-        """Histories -> (query (B, 3d), bias (B,)) of the fused score: recall.onnx, or the three
-        learner graphs + fusion.onnx for a bundle without the fused graph."""
-        run = self.bundle.run
-        if self.fused:
-            out = run("recall", **x.feeds())
-        else:
-            hidden_id = run("learner_id", **x.feeds())["hidden"]
-            hidden_text = run("learner_text", text=x.text, valid=x.valid)["hidden"]
-            hidden_image = run("learner_image", image=x.image, image_mask=x.image_mask, valid=x.valid)[
-                "hidden"
-            ]
-            out = run(
-                "fusion",
-                hidden_id=hidden_id,
-                hidden_text=hidden_text,
-                hidden_image=hidden_image,
-                valid=x.valid,
-            )
+        """Histories -> (query (B, 3d), bias (B,)) of the fused score, through recall.onnx."""
+        out = self.bundle.run("recall", **x.feeds())
         return out["query"], np.asarray(out["bias"], np.float32).reshape(-1)
 
     def generate(self, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray) -> np.ndarray:

@@ -27,14 +27,13 @@ lists by approximate score, then re-scores them exactly against the float rows (
 Answers therefore carry exact scores in exact order; only which items reach the candidate set is
 approximate, as with `flat` only which lists are probed is.
 
-**Registered new items** (service/items.py) are added to the same index, with ids after the
-catalogue's, when a request first brings a table snapshot that holds them; a re-registered item
-(new revision, new row) replaces its old entry, an item gone from the snapshot is removed. Rows
-longer than R get a zero extra coordinate: their scores stay exact, only their list is a little less
-apt. Updates and searches hold one lock (Faiss does not search while its lists change); a search
-is one query on one thread (`faiss.omp_set_num_threads(1)` on the request's thread: OpenMP keeps
-that count per thread, and `Runtime.load` sets it only on the thread that loads). The build runs
-with the loading thread's count: one in the service.
+**Registered new items** (service/items.py) are not put in the index: the index holds the
+catalogue only and never changes after its build, so concurrent searches need no lock (Faiss
+searches a constant index from several threads safely). A request scores the new items of its
+serving snapshot exactly (`table.concat @ q`, a few thousand rows at most in practice) and merges
+them with the index's k best. A search is one query on one thread (`faiss.omp_set_num_threads(1)`
+on the request's thread: OpenMP keeps that count per thread, and `Runtime.load` sets it only on the
+thread that loads). The build runs with the loading thread's count: one in the service.
 
 **Exclusions** (history, exclude_ids, the pad) are over-fetched: the index is asked for
 k' + |excluded| hits (k' = k for `flat`, rerank x k otherwise), excluded ones are dropped; if that leaves fewer than k, the search is repeated
@@ -44,8 +43,6 @@ the first k' that remain are re-scored.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Collection, Sequence
 from typing import Literal
 
@@ -218,13 +215,7 @@ class IvfTopK:
             )
         self.nprobe = config.probes_for(self.nlist)
         self.rerank = config.rerank_for()  # 0: the index's scores are exact (flat)
-        self.catalogue_end = first_row + n  # ids below: catalogue rows; from here on: new items
-        self.next_id = self.catalogue_end
-        self._new: dict[str, tuple[int, str]] = {}  # item_id -> (index id, revision)
-        self._new_ids: dict[int, str] = {}  # index id -> item_id
-        self._new_rows: dict[int, np.ndarray] = {}  # index id -> float row (exact re-scoring)
-        self._table = None  # the table snapshot the index reflects
-        self._lock = threading.Lock()
+        self.catalogue_end = first_row + n  # index ids are catalogue rows, below this
 
     def _empty_index(self):
         faiss, d = self.faiss, self.index_dim
@@ -253,49 +244,16 @@ class IvfTopK:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    # --- new items ------------------------------------------------------------------------------
-
-    def _sync(self, table) -> None:
-        """Make the index hold exactly the new items of this table snapshot (lock held)."""
-        if table is None or table is self._table:
-            return
-        stale = [i for i, (_, rev) in self._new.items() if table.revisions.get(i) != rev]
-        if stale:
-            gone = np.asarray([self._new[i][0] for i in stale], np.int64)
-            self.index.remove_ids(self.faiss.IDSelectorBatch(gone))
-            for i in stale:
-                index_id = self._new.pop(i)[0]
-                self._new_ids.pop(index_id)
-                self._new_rows.pop(index_id)
-        fresh = [i for i in table.ids if i not in self._new]
-        if fresh:
-            ids = np.arange(self.next_id, self.next_id + len(fresh), dtype=np.int64)
-            self.next_id += len(fresh)
-            rows = np.asarray(table.concat[[table.index[i] for i in fresh]], np.float32)
-            self.index.add_with_ids(self._augment(rows), ids)
-            for item_id, index_id, row in zip(fresh, ids.tolist(), rows, strict=True):
-                self._new[item_id] = (index_id, table.revisions[item_id])
-                self._new_ids[index_id] = item_id
-                self._new_rows[index_id] = row
-        self._table = table
-
     # --- search ---------------------------------------------------------------------------------
 
     def search(self, q: np.ndarray, k: int, excluded: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(index ids, exact inner products) of the k best not in `excluded`, best first: the index
         search of one request (over-fetch, filter, re-rank; see the module docstring)."""
-        with self._lock:
-            return self._search(np.asarray(q, np.float32), k, excluded)
+        return self._search(np.asarray(q, np.float32), k, excluded)
 
     def _exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner products of q with the float rows of these index ids."""
-        cat = ids < self.catalogue_end
-        if cat.all():
-            return self.items[ids] @ q
-        out = np.empty(len(ids), np.float32)
-        out[cat] = self.items[ids[cat]] @ q
-        out[~cat] = [float(self._new_rows[i] @ q) for i in ids[~cat].tolist()]
-        return out
+        return self.items[ids] @ q
 
     def _search(self, q: np.ndarray, k: int, excluded: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
         query = np.zeros((1, self.index_dim), np.float32)
@@ -329,20 +287,24 @@ class IvfTopK:
     def __call__(
         self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table
     ) -> list[tuple[str, float]]:
-        """What `ExactTopK.__call__` answers, approximately: same arguments, same shape."""
+        """What `ExactTopK.__call__` answers, approximately: same arguments, same shape. The
+        catalogue comes from the index; the table's new items are scored exactly and merged."""
         self.faiss.omp_set_num_threads(1)  # OpenMP's count is per calling thread: pin this one to 1
-        with self._lock:
-            self._sync(table)
-            excluded = set(excluded_rows)
-            excluded.update(self._new[table.ids[p]][0] for p in excluded_new if table.ids[p] in self._new)
-            excluded.discard(0)  # the pad is not in the index
-            ids, scores = self._search(np.asarray(q, np.float32), k, excluded)
-            end, names, new_names = self.catalogue_end, self.ids, self._new_ids
-            scores = scores + np.float32(bias)
-            return [
-                (names[i] if i < end else new_names[i], s)
-                for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
-            ]
+        excluded = set(excluded_rows)
+        excluded.discard(0)  # the pad is not in the index
+        ids, scores = self._search(np.asarray(q, np.float32), k, excluded)
+        names = self.ids
+        found = [
+            (names[i], s) for i, s in zip(ids.tolist(), (scores + np.float32(bias)).tolist(), strict=True)
+        ]
+        if not len(table):
+            return found
+        new = table.concat @ q + np.float32(bias)
+        new[excluded_new] = -np.inf
+        best = top_k(new, k)
+        merged = found + [(table.ids[i], s) for i, s in zip(best.tolist(), new[best].tolist(), strict=True)]
+        merged.sort(key=lambda pair: -pair[1])  # stable: catalogue items first on equal scores
+        return merged[:k]
 
 
 def make_topk(config: TopKConfig, items_concat: np.ndarray, item_ids: Sequence[str]) -> ExactTopK | IvfTopK:
@@ -351,18 +313,3 @@ def make_topk(config: TopKConfig, items_concat: np.ndarray, item_ids: Sequence[s
     if config.kind == "exact" or len(items_concat) - 1 < config.min_items:
         return ExactTopK(items_concat, item_ids)
     return IvfTopK(items_concat, config, item_ids)
-
-
-_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {config: top-k stage}
-_BUILT_LOCK = threading.Lock()
-
-
-def topk_for(runtime, config: TopKConfig) -> ExactTopK | IvfTopK:
-    """The top-k stage of a loaded runtime (service/runtime.py) for `config`, built once and shared
-    by every arm of that bundle (their new-item table is shared too), kept across reloads that keep
-    the runtime and dropped with it."""
-    with _BUILT_LOCK:
-        built = _BUILT.setdefault(runtime, {})
-        if config not in built:
-            built[config] = make_topk(config, runtime.items_concat, runtime.item_id_list)
-        return built[config]

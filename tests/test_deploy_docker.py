@@ -212,16 +212,21 @@ def test_builder_installs_the_serving_extra_without_torch() -> None:
     assert not any(canonicalize_name(Requirement(r).name) == "torch" for r in extras["serving"])
 
 
-def test_copied_sources_are_the_packages_of_the_wheel() -> None:
-    """Every package setuptools packs is copied into the builder, and nothing else of the tree."""
+SERVING_PACKAGES = {"mml", "service"}  # what `mml serve` imports; model/ and training/ stay out
+
+
+def test_copied_sources_are_the_serving_packages_of_the_wheel() -> None:
+    """The serving packages (a subset of what setuptools packs) are copied into the builder, and
+    nothing else of the tree: no model/ or training/ code in the image."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {pattern.rstrip("*").rstrip(".") for pattern in includes}
+    assert SERVING_PACKAGES <= packages and "devtools" not in packages  # the dev harness is never shipped
     builder = _stages(DOCKERFILE)["builder"]
     copied = {
         source for instruction, args in builder if instruction == "COPY" for source in _copy_sources(args)
     }
-    assert copied == packages | {"pyproject.toml", "README.md", "docker/serving.lock.txt"}
+    assert copied == SERVING_PACKAGES | {"pyproject.toml", "README.md", "docker/serving.lock.txt"}
 
 
 def test_lock_is_resolved_for_the_image_python() -> None:
@@ -310,6 +315,9 @@ def _in_context(path: str) -> bool:
         "mml.egg-info/PKG-INFO",
         "tests/conftest.py",
         "docker/compose.yaml",
+        "training/export/cli.py",
+        "model/x.py",
+        "devtools/harness.py",
     ],
 )
 def test_context_excludes(path: str) -> None:
@@ -318,9 +326,8 @@ def test_context_excludes(path: str) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["pyproject.toml", "README.md", "mml/cli.py", "service/__init__.py", "training/export/cli.py", "model/x.py",
-     "docker/serving.lock.txt"],
-)  # fmt: skip
+    ["pyproject.toml", "README.md", "mml/cli.py", "service/__init__.py", "docker/serving.lock.txt"],
+)
 def test_context_includes(path: str) -> None:
     assert _in_context(path)
 

@@ -22,7 +22,7 @@ from model.config import ModelConfig
 from model.fusion import closed_form
 from model.learners import last_hidden
 from model.mml import LEARNERS, MML
-from service.runtime import SPLIT_GRAPHS, Runtime
+from service.runtime import Runtime
 from training.export import export_model
 from training.export.onnx_graphs import OPSET, example_inputs, export_graph, graph_modules, run_torch
 from training.export.tables import fusion_moments, item_vectors, popularity_counts, serving_model
@@ -288,21 +288,6 @@ def test_served_dynamic_length_equals_eager_and_max_len_padding(served, n: int) 
         scores, _ = model.scores(_sequences([rows], model.cfg.max_len))
     got = dynamic.bundle.scores(query[0], bias[0])
     np.testing.assert_allclose(got[1:], scores[0, 1:].numpy(), atol=ATOL, rtol=0)
-
-
-def test_split_graphs_serve_the_same_buckets(served) -> None:
-    """A runtime on the four split graphs (a bundle without recall.onnx) pads to the same buckets and
-    gives the recall graph's outputs."""
-    model, dynamic, _ = served
-    split_runtime = Runtime(load_bundle(dynamic.path, roles=SPLIT_GRAPHS))
-    assert not split_runtime.fused and split_runtime.length_buckets == dynamic.length_buckets
-    split_runtime.warm_up()
-    for n in (9, 33):
-        rows = list(range(model.n_items - n + 1, model.n_items + 1))  # ends with the new items
-        x = _served_inputs(split_runtime, rows)
-        assert x.valid.shape == (1, SERVED_LENGTHS[n])
-        for got, expected in zip(split_runtime.query(x), dynamic.query(x), strict=True):
-            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_fixed_length_bundle_serves_and_a_wrong_length_is_refused(served, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from service.testing import sources_digest, untrained_bundle
+from devtools.bundles import sources_digest, untrained_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"

@@ -32,7 +32,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from service.testing import free_port, serve_process, sources_digest, untrained_bundle
+from devtools.bundles import sources_digest, untrained_bundle
+from devtools.harness import free_port, serve_process
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"

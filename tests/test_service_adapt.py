@@ -15,15 +15,19 @@ import httpx
 import numpy as np
 import pytest
 
+from devtools.bundles import sources_digest, untrained_bundle
+from devtools.harness import ThreadedServer
 from mml.bundle import read_manifest, write_manifest
 from mml.errors import MMLError
 from service.app import create_app
 from service.config import load_settings
-from service.items import ItemRegistry, NewItemTable, features_revision
-from service.pipeline import RecallPipeline
+from service.items import ItemRegistry, features_revision
+from service.recall import mml_chain, run_chain
 from service.runtime import Runtime
+from service.schemas import RecallRequest
+from service.snapshot import BundleState, ServingSnapshot
 from service.store import ItemRecord, MemoryStore
-from service.testing import ThreadedServer, sources_digest, untrained_bundle
+from service.topk import TopKConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -42,7 +46,7 @@ def runtime(bundle: Path) -> Runtime:
     return Runtime.load(bundle)
 
 
-def _table_with_new_item(runtime: Runtime) -> NewItemTable:
+def _snapshot_with_new_item(runtime: Runtime) -> ServingSnapshot:
     """A new item registered with the features of catalogue item 2355 (A Bug's Life)."""
     registry = ItemRegistry(MemoryStore(), 100)
     row = runtime.row_of["2355"]
@@ -51,29 +55,30 @@ def _table_with_new_item(runtime: Runtime) -> NewItemTable:
     registry.register(
         ItemRecord("bug-2", text, image, True, features_revision(text, image, True, fingerprint), fingerprint)
     )
-    table = NewItemTable(runtime, registry)
-    table.sync()
-    return table
+    return BundleState(runtime, registry, TopKConfig()).next_snapshot(None)
 
 
 def test_zero_steps_equal_the_onnx_path_and_steps_change_the_scores(runtime):
-    from service.adapt import AdaptingPipeline
+    from service.adapt import AdaptingModel
 
-    table = _table_with_new_item(runtime)
-    history = [*HISTORY, "bug-2"]
-    onnx = RecallPipeline(runtime, table)(history, 200)
-    same = AdaptingPipeline(runtime, table, steps=0)(history, 200)
+    snapshot = _snapshot_with_new_item(runtime)
+    store = MemoryStore()
+    request = RecallRequest(user_id="u", history=[*HISTORY, "bug-2"], k=200)
+    onnx = run_chain(mml_chain(store), snapshot, request)
+    same = run_chain(mml_chain(store, AdaptingModel(runtime, steps=0)), snapshot, request)
     assert [i for i, _ in same.items] == [i for i, _ in onnx.items]
     np.testing.assert_allclose([s for _, s in same.items], [s for _, s in onnx.items], atol=1e-4)
-    adapted = AdaptingPipeline(runtime, table, steps=3)
-    first = adapted(history, 200)
-    assert first.model_version == f"{runtime.model_version}+adapt3" and first.warmed_up == ["bug-2"]
+    adapting = AdaptingModel(runtime, steps=3)
+    adapted = mml_chain(store, adapting)
+    first = run_chain(adapted, snapshot, request)
+    assert adapting.model_version == f"{runtime.model_version}+adapt3" and first.warmed_up == ["bug-2"]
     scores = dict(first.items)
     common = [i for i, _ in onnx.items if i in scores]
     assert common and max(abs(scores[i] - dict(onnx.items)[i]) for i in common) > 1e-5
-    assert adapted(history, 200).items == first.items  # deterministic (fixed negatives seed)
-    one = adapted(["1193"], 10)  # a single item: nothing to adapt on, the ONNX answer
-    assert [i for i, _ in one.items] == [i for i, _ in RecallPipeline(runtime, table)(["1193"], 10).items]
+    assert run_chain(adapted, snapshot, request).items == first.items  # deterministic (fixed negatives seed)
+    one = RecallRequest(user_id="u", history=["1193"], k=10)  # nothing to adapt on: the ONNX answer
+    expected = run_chain(mml_chain(store), snapshot, one).items
+    assert [i for i, _ in run_chain(adapted, snapshot, one).items] == [i for i, _ in expected]
 
 
 def test_adapt_arm_over_http(bundle, tmp_path):
@@ -104,6 +109,6 @@ def test_adapt_steps_need_torch_weights_in_the_bundle(bundle, tmp_path):
         arms.write_text(json.dumps({"arms": [{"name": "warm", "adapt_steps": 2}]}))
         service = create_app(load_settings(bundle=bare, arms_config=arms)).state.service
         with pytest.raises(MMLError, match="ships no torch/ weights"):
-            service.load()
+            service.lifecycle.load()
     finally:
         shutil.rmtree(bare)

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.bundles import sources_digest, untrained_bundle
+from devtools.harness import ThreadedServer
 from mml.bundle_loader import load_bundle
 from service.app import create_app
 from service.config import load_settings
-from service.testing import ThreadedServer, sources_digest, untrained_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -66,7 +67,7 @@ def metric_values(text: str) -> dict[tuple[str, tuple], float]:
 def test_service_imports_no_torch():
     code = (
         "import sys\n"
-        "import service.app, service.cli, service.pipeline, service.runtime, service.bench\n"
+        "import service.app, service.cli, service.recall, service.lifecycle, service.runtime\n"
         "from service.config import load_settings\n"
         "service.app.create_app(load_settings())\n"
         "heavy = [m for m in ('torch', 'pandas', 'scipy', 'training', 'model') if m in sys.modules]\n"
@@ -236,7 +237,7 @@ def test_new_item_with_a_real_poster(server, mirror, loaded):
     assert r1["warmed_up"] == ["new-bug"] and r1["ignored"] == [] and r1["items"] == r2["items"]
     assert metric_values(c.get("/metrics").text)[("mml_warmups_total", ())] == before + 1
     # as a candidate: ranked among catalogue items by its fused score
-    table = server.app.state.service.deployment.tables[Path(loaded.root).absolute()].snapshot
+    table = server.app.state.service.deployment.snapshots[Path(loaded.root).absolute()].new_items
     row = table.concat[table.index["new-bug"]]
     rows = [loaded.row_of[i] for i in ["2355", "1", "2294"]]
     query, bias = loaded.query(loaded.histories([rows]))
@@ -254,7 +255,7 @@ def test_new_item_with_a_real_poster(server, mirror, loaded):
     else:
         assert "new-bug" not in ids
     # its generated ID embedding comes from its Eq. 14 neighbours: same as the runtime computes
-    runtime = server.app.state.service.deployment.arms["mml"].runtime
+    runtime = server.app.state.service.deployment.runtime("mml")
     np.testing.assert_allclose(
         table.id_emb[table.index["new-bug"]],
         runtime.generate(table.text[[table.index["new-bug"]]], table.image[[table.index["new-bug"]]], [True])[
@@ -289,9 +290,9 @@ def test_metrics_count_requests_by_arm_and_status(server):
     assert delta("mml_recall_request_seconds_count", arm="mml") == 8
     assert delta("mml_recall_request_seconds_bucket", arm="mml", le="1.0") == 8
     assert delta("mml_recall_fallbacks_total", arm="mml") == 1
-    for stage in ("warmup", "encode", "model", "topk"):
+    for stage in ("history", "encode", "model", "topk", "rank"):
         assert delta("mml_recall_stage_seconds_count", stage=stage) >= 7
-    version = server.app.state.service.deployment.arms["mml"].pipeline.model_version
+    version = server.app.state.service.deployment.arms["mml"].model_version
     assert after[("mml_bundle_info", (("arm", "mml"), ("model_version", version)))] == 1
     buckets = [float(dict(k[1])["le"]) for k in after if k[0] == "mml_recall_request_seconds_bucket"]
     assert min(buckets) == 0.0005 and max(b for b in buckets if b != float("inf")) == 1.0
@@ -330,7 +331,7 @@ HORROR = [
 def trained_server(ml1m_features_dir: Path, ml1m_quick_run: Path, tmp_path_factory):
     """The service over the quick-trained ML-1M run (`mml train --profile quick`, trained by the
     session fixture when this machine has no such run yet; shared with tests/test_export_ml1m.py)."""
-    from service.testing import trained_bundle
+    from devtools.bundles import trained_bundle
 
     bundle = trained_bundle(ml1m_quick_run, ml1m_features_dir, BUNDLES / "trained")
     settings = load_settings(
@@ -380,7 +381,9 @@ def test_exposure_records_carry_the_ranked_items(server):
     records = {}
     while time.monotonic() < deadline and len(records) < 2:  # the writer flushes every 100 ms
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        records = {r["request_id"]: r for r in lines if r["request_id"] in (body["request_id"], fb["request_id"])}
+        records = {
+            r["request_id"]: r for r in lines if r["request_id"] in (body["request_id"], fb["request_id"])
+        }
         time.sleep(0.05)
     exposed = records[body["request_id"]]
     assert exposed["items"] == [it["item_id"] for it in body["items"]][:100]

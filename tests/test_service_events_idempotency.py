@@ -12,10 +12,10 @@ import httpx
 import pytest
 import redis
 
+from devtools.harness import ThreadedServer, free_port
 from service.app import create_app
 from service.config import load_settings
 from service.store import MemoryStore, RedisStore, StoreUnavailable, make_store
-from service.testing import ThreadedServer, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 PREFIX = "test-events-idem:"

@@ -21,19 +21,12 @@ import httpx
 import pytest
 import redis
 
+from devtools.bundles import sources_digest, untrained_bundle
+from devtools.harness import ThreadedServer, free_port, redis_server, serve_process, wait_ready
 from mml.bundle import read_manifest
 from service.ab import Assigner, load_arms
 from service.app import create_app
 from service.config import load_settings
-from service.testing import (
-    ThreadedServer,
-    free_port,
-    redis_server,
-    serve_process,
-    sources_digest,
-    untrained_bundle,
-    wait_ready,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -116,8 +109,8 @@ def test_ab_arms_assignment_override_exposures_and_srm(bundles, tmp_path):
     assigner = Assigner(load_arms(arms))
     with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url) as c:
         deployment = app.state.service.deployment
-        assert len(deployment.tables) == 2  # control and mml share bundle a: loaded once
-        assert deployment.arms["control"].runtime is deployment.arms["mml"].runtime
+        assert len(deployment.snapshots) == 2  # control and mml share bundle a: loaded once
+        assert deployment.runtime("control") is deployment.runtime("mml")
         seen = {}
         for i in range(300):
             user = f"user-{i}"
@@ -400,7 +393,7 @@ def test_a_worker_follows_reloads_published_by_another_and_keeps_its_bundle_on_a
 ):
     import json as _json
 
-    from service.deployment import RecallService
+    from service.handlers import RecallService
     from service.workers import WorkerGroup
 
     a, b = bundles
@@ -412,9 +405,10 @@ def test_a_worker_follows_reloads_published_by_another_and_keeps_its_bundle_on_a
             bundle=group.bundle_link, control_dir=control, workers=2, exposure_log=tmp_path / "x.jsonl"
         )
     )
-    service.load()
+    lifecycle = service.lifecycle
+    lifecycle.load()
     try:
-        assert not service.pending_publication() and not service.follow_published()
+        assert not lifecycle.pending_publication() and not lifecycle.follow_published()
 
         def published_by_another_worker(path: Path) -> None:
             record = group.publish(path, None, str(path), None)
@@ -422,12 +416,12 @@ def test_a_worker_follows_reloads_published_by_another_and_keeps_its_bundle_on_a
             (control / "reload.json").write_text(_json.dumps(other))
 
         published_by_another_worker(b)
-        assert service.pending_publication() and service.follow_published()
+        assert lifecycle.pending_publication() and lifecycle.follow_published()
         assert service.models().arms[0].model_version == version(b)
-        assert not service.pending_publication()  # made once
+        assert not lifecycle.pending_publication()  # made once
         published_by_another_worker(tmp_path / "nowhere")  # this worker cannot load it
-        assert service.follow_published()  # handled: refused and logged, not retried
-        assert service.models().arms[0].model_version == version(b) and not service.pending_publication()
+        assert lifecycle.follow_published()  # handled: refused and logged, not retried
+        assert service.models().arms[0].model_version == version(b) and not lifecycle.pending_publication()
     finally:
         service.close()
 
@@ -458,20 +452,14 @@ def test_real_server_sighup_reloads_the_bundle_a_symlink_points_to(bundles, tmp_
 
 
 @pytest.fixture
-def redis_db13():
-    url = "redis://127.0.0.1:6379/13"
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("no Redis server at 127.0.0.1:6379")
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+def own_redis():
+    """A redis-server of this test's own (the shared one on 6379 is never flushed)."""
+    with redis_server() as server:
+        yield server.url
 
 
-def test_two_replicas_share_state_through_redis(bundles, mirror, redis_db13, tmp_path):
+def test_two_replicas_share_state_through_redis(bundles, mirror, own_redis, tmp_path):
+    redis_db13 = own_redis
     a, _ = bundles
     arms = tmp_path / "arms.json"
     arms.write_text(
@@ -498,7 +486,14 @@ def test_two_replicas_share_state_through_redis(bundles, mirror, redis_db13, tmp
                 c1.post("/events", json={"user_id": "shared", "item_id": movie, "ts": ts}).status_code == 202
             )
         mml = {"X-MML-Arm": "mml"}  # QA override: the popularity arm would not use the history
-        on_two = c2.post("/recall", json={"user_id": "shared", "k": 10}, headers=mml).json()  # from Redis
+        deadline = time.monotonic() + 5  # replica two takes the item at its next item-sync round
+        shared = 1  # /recall requests of "shared" (QA overrides: not in the SRM count)
+        while True:
+            on_two = c2.post("/recall", json={"user_id": "shared", "k": 10}, headers=mml).json()  # from Redis
+            shared += 1
+            if on_two["warmed_up"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         on_one = c1.post("/recall", json={"user_id": "shared", "k": 10}, headers=mml).json()
         assert on_two["warmed_up"] == ["ts2-dc"] and not on_two["degraded"]
         assert on_two["items"] == on_one["items"]
@@ -511,7 +506,7 @@ def test_two_replicas_share_state_through_redis(bundles, mirror, redis_db13, tmp
                 == 200
             )
     # the servers have stopped: their exposure writers have flushed
-    assert redis.Redis.from_url(redis_db13).xlen("mml:exposures") == 202
+    assert redis.Redis.from_url(redis_db13).xlen("mml:exposures") == 200 + shared
     srm = subprocess.run(
         [sys.executable, "-m", "mml.cli", "ab", "srm", "--exposures", redis_db13, "--arms", str(arms)],
         capture_output=True,
@@ -534,3 +529,40 @@ def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error:") and "format_version 99" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+ITEM_SYNC_BOUND_S = 1.0  # docs/service.md: a registered item is a candidate on every worker within this
+
+
+def test_put_items_reaches_every_worker_within_the_bound(bundles, mirror, tmp_path):
+    """mml serve --workers 2 over one Redis: an item registered through one worker is served by both
+    (warmed up in a history: its snapshot, the one candidates are scored from, holds it) within
+    ITEM_SYNC_BOUND_S of the PUT's answer."""
+    a, _ = bundles
+    poster = (mirror / "ml-1m-posters" / "2355.jpg").read_bytes()
+    item = {
+        "title": "A Bug's Life 3",
+        "genres": ["Animation"],
+        "image_base64": base64.b64encode(poster).decode(),
+    }
+    with redis_server() as redis_srv:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _serve(a, port, tmp_path, "--workers", "2", "--redis-url", redis_srv.url)
+        try:
+            wait_ready(url, proc)
+            put = httpx.put(f"{url}/items/bug-3", json=item, headers=AUTH, timeout=60)
+            assert put.status_code == 201, put.text
+            answered = time.monotonic()
+            time.sleep(ITEM_SYNC_BOUND_S)
+            pids, body = set(), {"user_id": "w", "history": ["2355", "bug-3"], "k": 1000}
+            for _ in range(30):  # one connection each: the kernel spreads them over both workers
+                with httpx.Client(base_url=url, timeout=30) as fresh:
+                    pids.add(fresh.get("/readyz").json()["pid"])
+                    got = fresh.post("/recall", json=body).json()
+                    assert got["warmed_up"] == ["bug-3"] and got["ignored"] == [], got
+            assert len(pids) == 2, "both workers answered"
+            assert time.monotonic() - answered < 30
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 
+from devtools.harness import redis_server
 from service import metrics
 from service.store import Embedding, ItemRecord, MemoryStore, RedisStore, StoreUnavailable
-from service.testing import redis_server
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
 

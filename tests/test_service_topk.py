@@ -1,6 +1,6 @@
 """The top-k stage (service/topk.py): the Faiss IVF index against the exact path on a synthetic
-catalogue, exclusions, registered new items added after the build, the exact fallback under
-min_items, the config's validation, the settings that switch it on, and RecallPipeline serving it
+catalogue, exclusions, registered new items scored beside the index, the exact fallback under
+min_items, the config's validation, the settings that switch it on, and the mml chain serving it
 over an ML-1M bundle (integration: skipped without MML_DATA_MIRROR)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import load_settings
-from service.items import ItemRegistry, NewItemTable, TableSnapshot, features_revision
+from service.items import ItemRegistry, TableSnapshot, features_revision
 from service.store import ItemRecord, MemoryStore
 from service.topk import ExactTopK, IvfTopK, TopKConfig, make_topk, top_k
 
@@ -162,7 +162,7 @@ def test_exclusions_are_never_returned_and_k_is_still_filled(catalogue, ivf):
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_a_registered_item_added_after_the_build_is_found_and_updated(catalogue, codec):
+def test_registered_items_are_scored_exactly_beside_an_index_that_never_changes(catalogue, codec):
     items, ids, queries = catalogue
     index = IvfTopK(items, TopKConfig(kind="ivf", nlist=256, min_items=0, codec=codec), ids)
     q = queries[3]
@@ -172,13 +172,15 @@ def test_a_registered_item_added_after_the_build_is_found_and_updated(catalogue,
     got = index(q, 0.25, K, [], [], table)
     assert got[0][0] == "new-1"
     assert got[0][1] == pytest.approx(float(table.concat[0] @ q) + 0.25, rel=1e-5)
-    assert index.ntotal == N + 1
-    # re-registered with another row (new revision): the old entry is replaced, not duplicated
+    assert index.ntotal == N and len(got) == K
+    # another snapshot (re-registered with another row, one more item): answered from its rows
     moved = _table({"new-1": -unit, "new-2": 2.0 * unit * np.linalg.norm(items, axis=1).max()}, "r2")
     got = index(q, 0.0, K, [], [], moved)
-    assert got[0][0] == "new-2" and "new-1" not in [i for i, _ in got] and index.ntotal == N + 2
-    assert got[0][1] == pytest.approx(float(moved.concat[1] @ q), rel=1e-5)  # re-scored from its row
-    # an item gone from the snapshot is removed from the index
+    assert got[0][0] == "new-2" and "new-1" not in [i for i, _ in got] and index.ntotal == N
+    assert got[0][1] == pytest.approx(float(moved.concat[1] @ q), rel=1e-5)
+    scores = [s for _, s in got]
+    assert scores == sorted(scores, reverse=True)
+    # a snapshot without them: the catalogue alone
     got = [i for i, _ in index(q, 0.0, K, [], [], EMPTY)]
     assert "new-2" not in got and index.ntotal == N
 
@@ -232,8 +234,8 @@ def test_settings_switch_it_on(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runtime(ml1m_features_dir: Path):
+    from devtools.bundles import sources_digest, untrained_bundle
     from service.runtime import Runtime
-    from service.testing import sources_digest, untrained_bundle
 
     bundle = untrained_bundle(
         ml1m_features_dir, BUNDLES / "a", seed=0, model_version=f"untrained-a-{sources_digest(REPO)}"
@@ -241,22 +243,33 @@ def runtime(ml1m_features_dir: Path):
     return Runtime.load(bundle)
 
 
-def test_the_pipeline_serves_the_ivf_stage_with_new_items(runtime):
-    from service.pipeline import RecallPipeline
+def test_the_chain_serves_the_ivf_stage_with_new_items(runtime):
+    from service.recall import mml_chain, run_chain
+    from service.schemas import RecallRequest
+    from service.snapshot import BundleState
 
-    registry = ItemRegistry(MemoryStore(), 100)
-    table = NewItemTable(runtime, registry)
-    exact = RecallPipeline(runtime, table)
-    assert isinstance(exact.topk, ExactTopK)
+    store = MemoryStore()
+    registry = ItemRegistry(store, 100)
+    exact_state = BundleState(runtime, registry, TopKConfig())
+    assert isinstance(exact_state.topk, ExactTopK)
     # ML-1M (3,883 items) is under the default min_items: kind ivf stays exact
-    assert isinstance(RecallPipeline(runtime, table, TopKConfig(kind="ivf")).topk, ExactTopK)
-    ivf = RecallPipeline(runtime, table, TopKConfig(kind="ivf", min_items=0, nlist=16, nprobe=16))
-    assert isinstance(ivf.topk, IvfTopK) and ivf.topk.ntotal == runtime.dims.n_items
+    assert isinstance(BundleState(runtime, registry, TopKConfig(kind="ivf")).topk, ExactTopK)
+    ivf_state = BundleState(runtime, registry, TopKConfig(kind="ivf", min_items=0, nlist=16, nprobe=16))
+    assert isinstance(ivf_state.topk, IvfTopK) and ivf_state.topk.ntotal == runtime.dims.n_items
+    chain = mml_chain(store)
+
+    def both(history, k, **kw):
+        fields = {"user_id": "u", "history": history, "k": k, "exclude_history": True, "exclude_ids": None}
+        request = RecallRequest.model_construct(**{**fields, **kw})  # k above the API's 1000: every item
+        a = run_chain(chain, exact_state.next_snapshot(None), request)
+        b = run_chain(chain, ivf_state.next_snapshot(None), request)
+        return a, b
+
     # every list probed: the exact answer, items and scores
-    a, b = exact(HISTORY, 50), ivf(HISTORY, 50)
+    a, b = both(HISTORY, 50)
     assert [i for i, _ in b.items] == [i for i, _ in a.items]
     np.testing.assert_allclose([s for _, s in b.items], [s for _, s in a.items], rtol=1e-4, atol=1e-4)
-    assert b.timings["topk"] > 0 and not set(HISTORY) & {i for i, _ in b.items}
+    assert not set(HISTORY) & {i for i, _ in b.items}
 
     # registered after the index was built: a candidate of the IVF stage too
     row = runtime.row_of["2355"]
@@ -264,9 +277,9 @@ def test_the_pipeline_serves_the_ivf_stage_with_new_items(runtime):
     fp = runtime.encoder_fingerprint
     registry.register(ItemRecord("bug-2", text, image, True, features_revision(text, image, True, fp), fp))
     everything = runtime.dims.n_items + 1
-    a, b = exact(HISTORY[:3], everything), ivf(HISTORY[:3], everything)
+    a, b = both(HISTORY[:3], everything)
     assert "bug-2" in {i for i, _ in b.items}
     assert [i for i, _ in b.items[:100]] == [i for i, _ in a.items[:100]]
-    assert ivf.topk.ntotal == runtime.dims.n_items + 1
-    c = ivf(HISTORY[:3], everything, exclude_ids=["bug-2"])
+    assert ivf_state.topk.ntotal == runtime.dims.n_items  # the index itself never changes
+    _, c = both(HISTORY[:3], everything, exclude_ids=["bug-2"])
     assert "bug-2" not in {i for i, _ in c.items} and len(c.items) == len(b.items) - 1

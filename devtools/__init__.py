@@ -1,0 +1,1 @@
+"""Development harness: launchers, load generator, test bundles, benchmarks. Not shipped."""
