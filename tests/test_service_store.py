@@ -1,5 +1,6 @@
-"""The service store: the same contract for the in-process store and a real Redis (db 13 of the local
-server, flushed by the test), and the Redis circuit breaker against a server that stops and returns."""
+"""The service store: the same contract for the in-process store and a real Redis (a redis-server of
+this module's own, emptied before each test; the shared server on 6379 is never touched), and the
+Redis circuit breaker against a server that stops and returns."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ from devtools.harness import redis_server
 from service import metrics
 from service.store import Embedding, ItemRecord, MemoryStore, RedisStore, StoreUnavailable
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
+@pytest.fixture(scope="module")
+def own_redis():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with redis_server() as server:
+        yield server.url
 
 
 @pytest.fixture
-def redis_db():
-    client = redis.Redis.from_url(REDIS_TEST_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("no Redis server at 127.0.0.1:6379")
-    client.flushdb()
-    yield REDIS_TEST_URL
-    client.flushdb()
+def redis_db(own_redis):
+    client = redis.Redis.from_url(own_redis, socket_timeout=1)
+    client.flushdb()  # this module's own server
     client.close()
+    return own_redis
 
 
 @pytest.fixture(params=["memory", "redis"])
