@@ -111,6 +111,17 @@ def _agreement(query_report: dict, offline: dict | None) -> dict | None:
     return out
 
 
+def _code_version() -> dict:
+    """The commit the replay ran on and how many tracked files differed from it (a shared checkout)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD") or None, "tracked_files_changed": len(changed.splitlines())}
+
+
 def run_replay(config: ReplayConfig) -> dict:
     from devtools.harness import RedisServer, Server
     from loadtest.traffic import TrafficConfig, load_traffic
@@ -201,6 +212,7 @@ def run_replay(config: ReplayConfig) -> dict:
         "command": "make ab-replay  (python -m loadtest.ab_replay "
         f"--bundle {config.bundle} --data-dir {config.data_dir} --arms {config.arms})",
         "started": started,
+        "code": _code_version(),
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "bundle": {
             "path": str(config.bundle),
