@@ -180,6 +180,53 @@ def _ramp(port: int, bodies: list[str], rates, limit_ms: float, connections: int
     return best, steps
 
 
+BURST_ITEMS = 100  # registrations in one burst (the stall measurement)
+TOKEN = "bench-token"
+
+
+def _register_burst(url: str, count: int) -> float:
+    """PUT /items `count` text-only new items as fast as one client can; seconds it took."""
+    import httpx
+
+    start = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        for n in range(count):
+            r = client.put(f"/items/bench-new-{n}", json={"title": f"Bench item {n}", "genres": ["Drama"]})
+            r.raise_for_status()
+    return time.perf_counter() - start
+
+
+def _stall(bundle: Path, code: Path, bodies: list[str], workers: int, tmp: Path) -> dict:
+    """The longest server-side /recall time while one worker registers BURST_ITEMS new items:
+    `workers` workers over one redis-server of their own, steady traffic at STEADY_RATE, the burst
+    sent through its own connection (whichever worker takes it) a second into the run."""
+    import threading
+
+    from devtools.harness import RedisServer
+
+    env = {"PYTHONPATH": str(code)}
+    with RedisServer() as redis, Server(bundle, tmp / "stall", workers=workers, env=env, cwd=code,
+                                        token=TOKEN, redis_url=redis.url) as server:  # fmt: skip
+        run_client(server.port, bodies[:200], 100.0, 2.0)
+        took: list[float] = []
+
+        def burst() -> None:
+            time.sleep(1.0)
+            took.append(_register_burst(server.url, BURST_ITEMS))
+
+        thread = threading.Thread(target=burst)
+        thread.start()
+        during = run_client(server.port, bodies, STEADY_RATE, STEADY_SECONDS)
+        thread.join()
+    server_ms = np.asarray(during["server_ms"])
+    return {
+        "recall_max_ms_during_burst": round(float(server_ms.max()), 3),
+        "recall_p99_ms_during_burst": round(float(np.percentile(server_ms, 99)), 3),
+        "recall_burst_seconds": round(took[0], 2) if took else float("nan"),
+        "recall_burst_errors": float(during["errors"]),
+    }
+
+
 def _measure(
     bundle: Path, code: Path, bodies: list[str], long_bodies: list[str], short: list[str], workers: int
 ) -> dict:
@@ -187,6 +234,14 @@ def _measure(
     env = {"PYTHONPATH": str(code)}  # this checkout's packages before the installed ones
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="mml-bench-") as tmp:
+        # exposures without item ids (the records of the code before they carried them): the cost
+        # of logging them is the difference with recall_p50_ms, measured in the same run
+        with Server(bundle, Path(tmp) / "bare", workers=workers, env={**env, "MML_EXPOSURE_K_LOGGED": "0"},
+                    cwd=code) as server:  # fmt: skip
+            run_client(server.port, bodies[:200], 100.0, 2.0)
+            bare = run_client(server.port, bodies, STEADY_RATE, STEADY_SECONDS)
+        figures["recall_p50_ms_k_logged_0"] = round(float(np.percentile(bare["server_ms"], 50)), 3)
+        figures.update(_stall(bundle, code, bodies, workers, Path(tmp)))
         with Server(bundle, Path(tmp) / "multi", workers=workers, env=env, cwd=code) as server:
             run_client(server.port, bodies[:200], 100.0, 2.0)  # warm connections and caches
             cpu_before = cpu_seconds(server.process.pid)
