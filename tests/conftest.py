@@ -66,3 +66,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def service_bundles(ml1m_features_dir: Path) -> tuple[Path, Path]:
+    """Two serving bundles of an untrained MML over the ML-1M split (seeds 0 and 1), cached under
+    .cache and rebuilt when the code that shapes a bundle changes (devtools/bundles.py)."""
+    from devtools.bundles import sources_digest, untrained_bundle
+
+    bundles, digest = CACHE / "service-bundles", sources_digest(REPO)
+    a = untrained_bundle(ml1m_features_dir, bundles / "a", seed=0, model_version=f"untrained-a-{digest}")
+    b = untrained_bundle(ml1m_features_dir, bundles / "b", seed=1, model_version=f"untrained-b-{digest}")
+    return a, b

@@ -20,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from devtools.bundles import sources_digest, untrained_bundle
-
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
 SCRIPT_TIMEOUT_S = 300  # a hung script fails the test instead of hanging the suite
 
 
 @pytest.fixture(scope="session")
-def bundles(ml1m_features_dir: Path) -> tuple[Path, Path]:
-    digest = sources_digest(REPO)
-    a = untrained_bundle(ml1m_features_dir, BUNDLES / "a", seed=0, model_version=f"untrained-a-{digest}")
-    b = untrained_bundle(ml1m_features_dir, BUNDLES / "b", seed=1, model_version=f"untrained-b-{digest}")
-    return a, b
+def bundles(service_bundles) -> tuple[Path, Path]:
+    return service_bundles
 
 
 def run_script(module: str, out: Path, *args: str) -> tuple[int, dict, str]:

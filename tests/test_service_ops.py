@@ -21,7 +21,6 @@ import httpx
 import pytest
 import redis
 
-from devtools.bundles import sources_digest, untrained_bundle
 from devtools.harness import ThreadedServer, free_port, redis_server, serve_process, wait_ready
 from mml.bundle import read_manifest
 from service.ab import Assigner, load_arms
@@ -35,11 +34,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="session")
-def bundles(ml1m_features_dir: Path) -> tuple[Path, Path]:
-    digest = sources_digest(REPO)
-    a = untrained_bundle(ml1m_features_dir, BUNDLES / "a", seed=0, model_version=f"untrained-a-{digest}")
-    b = untrained_bundle(ml1m_features_dir, BUNDLES / "b", seed=1, model_version=f"untrained-b-{digest}")
-    return a, b
+def bundles(service_bundles) -> tuple[Path, Path]:
+    return service_bundles
 
 
 def version(path: Path) -> str:

@@ -15,6 +15,7 @@ from devtools.harness import redis_server
 from service import metrics
 from service.store import Embedding, ItemRecord, MemoryStore, RedisStore, StoreUnavailable
 
+
 @pytest.fixture(scope="module")
 def own_redis():
     if shutil.which("redis-server") is None:
