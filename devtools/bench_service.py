@@ -1,30 +1,34 @@
 """`mml bench` figures of the recall service: POST /recall latency and throughput over loopback.
 
 Setup: `mml serve` over an ML-1M bundle (in-process store; min(2, CPUs) uvicorn workers, each
-request on one core); one load-generator process (asyncio, raw HTTP/1.1 keep-alive connections) sending
-open-loop traffic: request i is due at t0 + i / rate whatever the earlier answers did, so a slow
-server cannot slow the load down (no coordinated omission). Each request asks k=100. Workload: the
-product's traffic, the cold-start split's new users (their support and validation items, 9 items,
-oldest first, from the data folder named in the bundle's manifest); without that folder, histories
-of 1..max_len catalogue items drawn by popularity. A second steady run with the 1..max_len
-popularity mix measures long histories (the model's cost grows with the history's length).
+request on one core); the load generator (devtools/load.py) in its own process sends open-loop
+traffic (request i is due at t0 + i / rate, so a slow server cannot slow the load down). Each
+request asks k=100. Workload: the product's traffic, the cold-start split's new users (their
+support and validation items, 9 items, oldest first, from the data folder named in the bundle's
+manifest); without that folder, histories of 1..max_len catalogue items drawn by popularity.
 
-Figures:
-  recall_p50_ms, recall_p99_ms   server-side time (the `app` entry of the Server-Timing header: request
-                                 reaching the app -> response start) at 200 requests/s for 15 s;
-  recall_workload                which histories the headline figures used (new users / popularity mix);
-  recall_long_p50_ms, recall_long_p99_ms  the same at 200 requests/s with 1..max_len-item histories;
-  recall_client_p99_ms           the same run seen by the client (due time -> full response);
-  recall_server_cpu_ms_per_request  server CPU time (all workers, /proc) per answered request in
-                                 that run: the capacity per core is 1000 / this, whatever else runs
-                                 on the machine (latency figures are not: read them with the load);
-  recall_max_rps_p99_20ms        the highest rate of a ramp (5 s per step) whose client-side p99,
-                                 counted from each request's due time, is <= 20 ms with zero
-                                 errors and the rate actually delivered.
-  recall_adapt{N}_p50_ms          the pipeline alone (no HTTP), k=100, with N = 0 (ONNX Runtime) and
-                                 N = 1, 2, 5 meta-test warm-up steps per request (torch; skipped
-                                 without it): the adapt_steps latency trade-off (docs/service.md).
-Targets (mml/bench.py): p50 <= 3 ms, p99 <= 10 ms, >= 500 requests/s.
+Side by side: with `MML_BENCH_BASELINE=<git ref>` (or context["baseline"]) every HTTP figure is also
+measured on a worktree of that ref, in the same run, written with a `baseline_` prefix.
+
+Figures (per version of the code):
+  recall_p50_ms, recall_p99_ms   server-side time (the `app` entry of Server-Timing) at 200 req/s, 15 s
+  recall_p50_ms_k_logged_0       the same with MML_EXPOSURE_K_LOGGED=0 (exposures without item ids):
+                                 the cost of logging them is recall_p50_ms minus this
+  recall_long_p50_ms, recall_long_p99_ms  200 req/s with 1..max_len-item histories
+  recall_client_p99_ms           the steady run seen by the client (due time -> full response)
+  recall_server_cpu_ms_per_request  server CPU (all workers, /proc) per answered request
+  recall_max_rps_p99_20ms        the highest rate of a ramp (5 s a step) with client p99 <= 20 ms,
+                                 zero errors and the rate delivered
+  recall_rps_one_worker_p99_10ms the same for one worker, 4 connections, 1..10-item histories,
+                                 client p99 <= 10 ms
+  recall_max_ms_during_burst, recall_p99_ms_during_burst  server-side /recall time while one
+                                 worker of two (over one Redis) takes 100 PUT /items in a burst
+  recall_exposure_items_us       in process: the request-path cost of the exposure's item ids
+                                 (runner k_logged 100 minus 0, interleaved, median); *_writer_us the
+                                 writer thread's extra JSON encoding per record
+  recall_adapt{N}_p50_ms         the mml chain's stages alone (no HTTP), N = 0 (ONNX Runtime) and
+                                 N = 1, 2, 5 meta-test warm-up steps (torch; skipped without it)
+Targets (mml/bench.py): p50 <= 1.5 ms, p99 <= 5 ms, >= 500 req/s, >= 1000 req/s on one worker.
 """
 
 from __future__ import annotations
@@ -149,6 +153,60 @@ def _adapt_latency(bundle: Path, bodies: list[str]) -> dict:
             times.append(time.perf_counter() - start)
         out[f"recall_adapt{steps}_p50_ms"] = round(float(np.median(times)) * 1000, 3)
     return out
+
+
+EXPOSURE_ROUNDS = 3000
+
+
+def _exposure_cost(bundle: Path, bodies: list[str]) -> dict:
+    """What carrying the answer's item ids in the exposure record costs, in process (no HTTP, no
+    load generator: on a shared machine the HTTP figures cannot resolve 0.1 ms). The same requests
+    through two runners over one deployment, k_logged 100 and 0, interleaved; the median difference
+    per request on the request path, and per record in the writer thread (JSON encoding)."""
+    from threadpoolctl import threadpool_limits
+
+    from service.ab import exposure_record
+    from service.config import load_settings
+    from service.handlers import RecallService
+    from service.recall import RecallRunner
+    from service.schemas import RecallRequest
+
+    threadpool_limits(limits=1)
+    with tempfile.TemporaryDirectory(prefix="mml-exposure-") as tmp:
+        settings = load_settings(bundle=bundle, exposure_log=Path(tmp) / "exposures.jsonl")
+        service = RecallService(settings)
+        service.lifecycle.load()
+        try:
+            runners = {
+                k: RecallRunner(settings.model_copy(update={"exposure_k_logged": k}), service.exposures)
+                for k in (0, 100)
+            }
+            requests = [RecallRequest.model_validate_json(b) for b in bodies[:200]]
+            times: dict[int, list[float]] = {0: [], 100: []}
+            deployment = service.deployment
+            for n in range(EXPOSURE_ROUNDS):
+                request = requests[n % len(requests)]
+                for k in (0, 100) if n % 2 else (100, 0):
+                    start = time.perf_counter()
+                    runners[k].run(deployment, request, None, None)
+                    times[k].append(time.perf_counter() - start)
+        finally:
+            service.close()
+    ids = [str(i) for i in range(1000, 1100)]
+    records = {k: exposure_record("r" * 32, "user-1", "mml", "v", False, ids[:k]) for k in (0, 100)}
+    writer = {}
+    for k, record in records.items():
+        start = time.perf_counter()
+        for _ in range(2000):
+            json.dumps(record, separators=(",", ":"))
+        writer[k] = (time.perf_counter() - start) / 2000
+    return {
+        "recall_runner_p50_us_k_logged_100": round(float(np.median(times[100])) * 1e6, 1),
+        "recall_runner_p50_us_k_logged_0": round(float(np.median(times[0])) * 1e6, 1),
+        "recall_exposure_items_us": round(float(np.median(times[100]) - np.median(times[0])) * 1e6, 1),
+        "recall_exposure_items_writer_us": round((writer[100] - writer[0]) * 1e6, 1),
+        "recall_exposure_record_bytes": float(len(json.dumps(records[100], separators=(",", ":"))) + 1),
+    }
 
 
 def _short_bodies(bundle: Path, count: int, seed: int = 1) -> list[str]:
@@ -321,6 +379,7 @@ def run(context: dict | None = None) -> dict:
         "recall_bench_workers": float(workers),
         "recall_bench_load_average": round(load_average, 2),
         **_adapt_latency(bundle, long_bodies),
+        **_exposure_cost(bundle, bodies),
     }
 
 
