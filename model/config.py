@@ -53,6 +53,14 @@ class ModelConfig(BaseModel):
         "relu", description="the non-linearity of Eq. 16 (paper: ReLU)"
     )
 
+    # --- co-occurrence learner (beyond the paper: mml/cooc.py, docs/model.md) ---
+    cooc_neighbours: int = Field(
+        0,
+        ge=0,
+        description="M, neighbours per item in the co-occurrence table; 0 = no co-occurrence learner "
+        "(the paper's three learners). With M > 0 a second fusion layer weighs the fourth learner",
+    )
+
     # --- fusion layer, Eq. 9-13 ---
     fusion_hidden: int = Field(
         128, ge=1, description="hidden size of the fusion attention MLP (paper 5.1.3: 128)"

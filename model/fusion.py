@@ -6,6 +6,12 @@
     A    = softmax_m(ReLU(F_m W + b) W_att + b_att)      Eq. 11-12 (W, b, W_att, b_att shared by m)
     p    = sum_m A_m P'_m          Eq. 13
 
+With the co-occurrence learner (mml/cooc.py; beyond the paper, docs/model.md) a fourth score vector
+c joins the sum: its weight A_c comes from the same MLP's hidden layer (a logit of its own, one more
+softmax entry), and its Eq. 9 affine is gamma_c = exp(theta_c) > 0 with no bias, so the fused score
+is increasing in c: an item without co-occurrence keeps the dense part's ranking, which makes the
+service's union of dense top-k and co-occurrence candidates exact.
+
 The reference uses LayerNorm(n_items) (a learned weight per item), which cannot score an item that
 was not in the catalogue at training time; scalar affine parameters can.
 
@@ -31,28 +37,39 @@ N_LEARNERS = 3  # id, text, image
 
 
 class Fusion(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cooc: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.cooc = cooc
         self.score_weight = nn.Parameter(torch.ones(N_LEARNERS))  # gamma_m, Eq. 9
         self.score_bias = nn.Parameter(torch.zeros(N_LEARNERS))  # beta_m, Eq. 9
         self.sequence_norm = LayerNorm(cfg.max_len * cfg.d, eps=cfg.ln_eps)  # Eq. 10
         self.project = nn.Linear(cfg.max_len * cfg.d, cfg.fusion_hidden)  # W, b, Eq. 11
         self.attend = nn.Linear(cfg.fusion_hidden, 1)  # W_att, b_att, Eq. 12
+        if cooc:
+            self.cooc_attend = nn.Linear(cfg.fusion_hidden, 1)  # A_c's logit from the mean hidden layer
+            self.cooc_scale = nn.Parameter(torch.zeros(()))  # log gamma_c
         init_weights(self, cfg.init_std)
 
     def weights(
         self, hidden_id: torch.Tensor, hidden_te: torch.Tensor, hidden_im: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Eq. 10-12: three (B, L, d) last-layer sequences, valid (B, L) -> A (B, 3)."""
+        """Eq. 10-12: three (B, L, d) last-layer sequences, valid (B, L) -> A (B, 3), or (B, 4) with
+        the co-occurrence learner last."""
         seqs = torch.stack([hidden_id, hidden_te, hidden_im], dim=1) * valid[:, None, :, None]
         missing = self.cfg.max_len - seqs.shape[2]
         if missing < 0:
             raise ValueError(f"sequence length {seqs.shape[2]} exceeds max_len={self.cfg.max_len}")
         seqs = F.pad(seqs, (0, 0, 0, missing))  # right-pad to max_len (zeros, like pads)
         flat = self.sequence_norm(seqs.flatten(start_dim=2))  # (B, 3, max_len*d)
-        logits = self.attend(torch.relu(self.project(flat))).squeeze(-1)  # (B, 3)
+        hidden = torch.relu(self.project(flat))  # (B, 3, fusion_hidden)
+        logits = self.attend(hidden).squeeze(-1)  # (B, 3)
+        if self.cooc:
+            logits = torch.cat([logits, self.cooc_attend(hidden.mean(dim=1))], dim=-1)
         return torch.softmax(logits, dim=-1)
+
+    def cooc_gamma(self) -> torch.Tensor:
+        return torch.exp(self.cooc_scale)
 
     def _normalise_items(self, scores: torch.Tensor, learner: int) -> torch.Tensor:
         items = scores[:, 1:]
@@ -68,10 +85,18 @@ class Fusion(nn.Module):
     def forward(
         self, scores: list[torch.Tensor] | tuple[torch.Tensor, ...], weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eq. 13: three (B, N+1) score matrices (id, text, image) and A (B, 3) -> fused (B, N+1)."""
-        if len(scores) != N_LEARNERS:
-            raise ValueError(f"fusion needs {N_LEARNERS} score matrices (id, text, image), got {len(scores)}")
-        fused = sum(weights[:, m : m + 1] * self._normalise_items(s, m) for m, s in enumerate(scores))
+        """Eq. 13: three (B, N+1) score matrices (id, text, image) and A (B, 3) -> fused (B, N+1);
+        with the co-occurrence learner, four matrices (its scores last) and A (B, 4)."""
+        expected = N_LEARNERS + int(self.cooc)
+        if len(scores) != expected or weights.shape[-1] != expected:
+            raise ValueError(f"this fusion needs {expected} score matrices and weights, got {len(scores)}")
+        fused = sum(weights[:, m : m + 1] * self._normalise_items(s, m) for m, s in enumerate(scores[:3]))
+        if self.cooc:
+            items = scores[3][:, 1:]
+            mean = items.mean(dim=-1, keepdim=True)
+            var = items.var(dim=-1, unbiased=False, keepdim=True)
+            normed = (items - mean) / torch.sqrt(var + self.cfg.ln_eps)
+            fused = fused + weights[:, 3:4] * self.cooc_gamma() * normed
         return F.pad(fused, (1, 0), value=float("-inf"))
 
 

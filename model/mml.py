@@ -72,7 +72,13 @@ class MML(nn.Module):
         self.text_learner = TextLearner(cfg)
         self.image_learner = ImageLearner(cfg)
         self.generator = Generator(cfg)
-        self.fusion = Fusion(cfg)
+        self.fusion = Fusion(cfg)  # the paper's three learners
+        if cfg.cooc_neighbours:
+            # the co-occurrence table (mml/cooc.py), filled by training (`set_cooc`), and the fusion
+            # layer that weighs it as a fourth learner
+            self.register_buffer("cooc_items", torch.zeros(n_rows, cfg.cooc_neighbours, dtype=torch.long))
+            self.register_buffer("cooc_weights", torch.zeros(n_rows, cfg.cooc_neighbours))
+            self.fusion_cooc = Fusion(cfg, cooc=True)
 
     @property
     def device(self) -> torch.device:
@@ -139,17 +145,47 @@ class MML(nn.Module):
         valid: torch.Tensor,
         id_table: torch.Tensor | None = None,
         tables: dict[str, torch.Tensor] | None = None,
+        cooc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Learners' last-layer sequences -> (fused (B, N+1), {learner: raw scores (B, N+1)}); column 0
-        (pad) is -inf everywhere. `tables` (from `item_tables`) avoids recomputing the item vectors."""
+        (pad) is -inf everywhere. `tables` (from `item_tables`) avoids recomputing the item vectors.
+        `cooc` (B, N+1) co-occurrence scores: fused by `fusion_cooc` as a fourth learner instead."""
         tables = self.item_tables(id_table) if tables is None else tables
         scores = {}
         for name in LEARNERS:
             user = last_hidden(hidden[name], valid)
             raw = user @ tables[name].T
             scores[name] = torch.cat([torch.full_like(raw[:, :1], float("-inf")), raw[:, 1:]], dim=1)
-        weights = self.fusion.weights(hidden["id"], hidden["text"], hidden["image"], valid)
-        return self.fusion([scores[name] for name in LEARNERS], weights), scores
+        fusion = self.fusion if cooc is None else self.fusion_cooc
+        weights = fusion.weights(hidden["id"], hidden["text"], hidden["image"], valid)
+        parts = [scores[name] for name in LEARNERS] + ([] if cooc is None else [cooc])
+        return fusion(parts, weights), scores
+
+    # --- co-occurrence learner ---------------------------------------------------------------------
+    @property
+    def has_cooc(self) -> bool:
+        return self.cfg.cooc_neighbours > 0
+
+    @torch.no_grad()
+    def set_cooc(self, items: np.ndarray, weights: np.ndarray) -> None:
+        """Install a co-occurrence table ((N+1, M) items and weights, mml.cooc.CoocTable)."""
+        if not self.has_cooc:
+            raise ValueError("this model has no co-occurrence learner (model.cooc_neighbours = 0)")
+        if items.shape != tuple(self.cooc_items.shape) or weights.shape != items.shape:
+            raise ValueError(f"cooc table must be {tuple(self.cooc_items.shape)}, got {items.shape}")
+        self.cooc_items.copy_(torch.as_tensor(np.asarray(items, dtype=np.int64)))
+        self.cooc_weights.copy_(torch.as_tensor(np.asarray(weights, dtype=np.float32)))
+
+    def cooc_scores(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded item sequences -> (B, N+1) co-occurrence scores (mml.cooc.dense_scores
+        in torch; rows beyond the table count as no co-occurrence)."""
+        valid = seq > 0
+        recency = torch.cumsum(valid.float(), dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        weights = self.cooc_weights[seq] * (recency * valid).unsqueeze(-1)  # (B, L, M)
+        out = torch.zeros(seq.shape[0], self.n_items + 1, device=seq.device)
+        out.scatter_add_(1, self.cooc_items[seq].flatten(1), weights.flatten(1))
+        out[:, 0] = 0.0
+        return out
 
     def scores(self, seq: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, L) right-padded item sequences -> fused scores (B, N+1) and per-learner scores."""

@@ -28,7 +28,7 @@ TINY = {
 
 
 def _config(**overrides) -> TrainConfig:
-    return profile("quick", **{**TINY, **overrides})
+    return profile("paper-quick", **{**TINY, **overrides})  # the paper's recipe (test_train_recipe.py: ours)
 
 
 @pytest.fixture(scope="module")

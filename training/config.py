@@ -15,6 +15,18 @@ from model.config import ModelConfig
 Loss = Literal["bpr", "ce"]
 
 
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, nested dicts merged key by key (profile overrides)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            merge_settings(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,10 +52,38 @@ class TaskConfig(_Frozen):
     )
 
 
+class PretrainConfig(_Frozen):
+    """Stage 1a (deviation, docs/model.md): next-item pre-training of each learner before MAML, CE at
+    every position of D_old windows, early stopping on the validation item (training/pretrain.py)."""
+
+    steps: int = Field(
+        0, ge=0, description="step budget (Adam steps per learner); 0 = no pre-training (the paper's recipe)"
+    )
+    batch: int = Field(128, ge=1, description="windows per step")
+    lr: float = Field(3e-3, gt=0.0, description="Adam learning rate (the SASRec recipe that works here)")
+    window: Literal["sampled", "recent"] = Field(
+        "recent",
+        description="recent: each sampled user's last max_len+1 items (SASRec's usual windows; measured "
+        "better here, docs/model.md); sampled: a window ending at a uniform position of the user's history",
+    )
+    eval_every: int = Field(100, ge=1, description="steps between validation measurements")
+    patience: int = Field(3, ge=1, description="measurements without improvement before a learner stops")
+
+
 class Stage1Config(_Frozen):
     """MAML for each learner (Sec. 4.4.2, Eq. 18-20)."""
 
-    epochs: int = Field(10, ge=0, description="meta epochs (paper 5.1.3: 10)")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    epochs: int = Field(10, ge=0, description="meta epochs (paper 5.1.3: 10); ignored when `steps` is set")
+    steps: int | None = Field(
+        None,
+        ge=0,
+        description="budget of meta-updates (global Adam steps per learner) instead of epochs; with "
+        "`eval_every`, each learner keeps its best state on the validation item (never worse than its start)",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="meta-updates between validation measurements (None: no selection)"
+    )
     meta_batch: int = Field(
         256,
         ge=1,
@@ -97,7 +137,30 @@ class WarmupConfig(_Frozen):
         5, ge=0, description="local SGD steps (0 = use the global parameters); = the inner loop's 5"
     )
     lr: float = Field(1e-3, gt=0.0, description="local SGD learning rate (= alpha)")
+    params: Literal["theta", "head"] = Field(
+        "theta",
+        description="what the local update changes: theta = all of Theta (the paper); head = the last "
+        "block's feed-forward layer only (a small per-user head)",
+    )
     chunk: int = Field(256, ge=1, description="users per vmapped chunk")
+    select: bool = Field(
+        False,
+        description="choose (params, steps, lr) from the grids below on the validation item after stage 2 "
+        "(deviation, docs/model.md); the choice replaces steps / lr / params in the trained run",
+    )
+    grid_steps: tuple[int, ...] = Field((0, 1, 3), description="steps tried (0 = no warm-up) when `select`")
+    grid_lrs: tuple[float, ...] = Field((1e-3, 1e-2), description="learning rates tried when `select`")
+    grid_params: tuple[Literal["theta", "head"], ...] = Field(
+        ("theta", "head"), description="parameter groups tried when `select`"
+    )
+
+
+class CoocConfig(_Frozen):
+    """The co-occurrence learner (beyond the paper; mml/cooc.py). On when model.cooc_neighbours > 0."""
+
+    windows: tuple[int, ...] = Field(
+        (1, 2, 3, 5, 10), description="co-occurrence windows tried; the one best on the validation item is kept"
+    )
 
 
 class TrainConfig(_Frozen):
@@ -109,6 +172,7 @@ class TrainConfig(_Frozen):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     stage3: Stage3Config = Field(default_factory=Stage3Config)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    cooc: CoocConfig = Field(default_factory=CoocConfig)
     max_old_users: int | None = Field(None, ge=1, description="train on the first N old users only (tests)")
     max_new_users: int | None = Field(
         None, ge=1, description="validate on the first N new users only (tests)"
@@ -131,28 +195,50 @@ class TrainConfig(_Frozen):
         return min(self.tasks.max_len or self.model.max_len + 1, self.model.max_len + 1)
 
 
+# The recipe that learns (docs/model.md, "Deviations: the training recipe"): next-item pre-training
+# (CE, every position) with early stopping, then MAML with CE and 80 % of each window's targets in
+# the query, each learner kept at its best state on the validation item; the warm-up chosen on the
+# validation item; the co-occurrence learner in a second fusion layer. Budgets are steps, not epochs.
+RECIPE: dict[str, Any] = {
+    "model": {"dropout_hidden": 0.2, "dropout_attn": 0.2, "cooc_neighbours": 100},
+    "tasks": {"query_share": 0.8},
+    "stage1": {
+        "loss": "ce",
+        "inner_steps": 1,
+        "meta_batch": 64,
+        "pretrain": {"steps": 3000, "window": "recent", "eval_every": 100, "patience": 4},
+        "steps": 200,
+        "eval_every": 25,
+    },
+    "warmup": {"select": True},
+}
+
 PROFILES: dict[str, dict[str, Any]] = {
+    # the paper's settings and recipe (MAML from scratch, BPR, last item as the query)
     "paper": {},
-    "quick": {
+    # the paper's recipe at a couple of minutes on 2 CPU cores (the earlier `quick`; docs/results.md's
+    # paper rows)
+    "paper-quick": {
         "tasks": {"max_len": 21},
         "stage1": {"epochs": 2, "meta_batch": 64, "inner_steps": 1},  # 168 Adam steps on ML-1M
         "stage2": {"epochs": 1},
         "stage3": {"epochs": 1},
         "warmup": {"steps": 1},
     },
+    # the recipe that learns, at its full budget (the report's profile)
+    "full": RECIPE,
+    # the same recipe within about 10 minutes on 2 CPU cores (`make run`, the tests): shorter windows
+    # and budgets
+    "quick": merge_settings(
+        RECIPE,
+        {
+            "tasks": {"max_len": 21},
+            "stage1": {"pretrain": {"steps": 500, "eval_every": 50, "patience": 4}, "steps": 40, "eval_every": 10},
+            "stage2": {"epochs": 1},
+            "stage3": {"epochs": 1},
+        },
+    ),
 }
-
-
-def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`extra` over `base`, nested dicts merged key by key (profile overrides)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            merge_settings(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
 
 
 def profile(name: str, **overrides: Any) -> TrainConfig:

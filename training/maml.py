@@ -29,6 +29,7 @@ from model.norm import exact_second_order
 from training.config import Stage1Config, TrainConfig
 from training.losses import sequence_loss
 from training.tasks import TaskBatch, make_tasks, sample_windows
+from training.validation import BestPerLearner, Validation
 
 Params = dict[str, torch.Tensor]
 Sims = tuple[torch.Tensor, torch.Tensor] | None
@@ -270,8 +271,12 @@ def train_stage1(
     meta_gradient: Callable[[MML, str, TaskBatch, Stage1Config, int], float] = meta_batch_gradient,
     evaluate_tasks: Callable[[MML, TaskBatch, Stage1Config, int], dict[str, float]] = evaluate,
     sum_losses: Callable[[list[float]], list[float]] = list,
+    validation: Validation | None = None,
 ) -> dict:
-    """Meta-train the three learners (each with its own Adam) on one task per old user per epoch.
+    """Meta-train the three learners (each with its own Adam) on one task per old user per epoch,
+    for `epochs`, or for `steps` meta-updates when set. With `eval_every` and a `validation`, each
+    learner's MRR@10 on the validation item is measured every `eval_every` updates and the learner
+    ends at its best state, its starting state included (so meta-training never makes it worse).
     `meta_gradient`, `evaluate_tasks` and `sum_losses` (the losses of one meta-batch, per learner)
     are one process's by default; `training.distributed` passes sharded, all-reduced ones."""
     s1 = cfg.stage1
@@ -287,11 +292,20 @@ def train_stage1(
             p.requires_grad_(True)
     initial = evaluate_tasks(model, eval_tasks, s1, n_candidates)
     history: dict[str, list[float]] = {name: [] for name in LEARNERS}
+    select = validation is not None and s1.eval_every is not None
+    budget = s1.steps
+    selection = BestPerLearner(model, validation, learner_parameters) if select else None
     model.train()
-    for epoch in range(s1.epochs):
+    updates, epoch = 0, 0
+    while (budget is None and epoch < s1.epochs) or (budget is not None and updates < budget):
         tasks = stage1_tasks(old_seqs, cfg, n_candidates, rng)  # the same on every rank
+        if len(tasks) == 0:
+            break
         sums = dict.fromkeys(LEARNERS, 0.0)
+        seen = 0
         for start in range(0, len(tasks), s1.meta_batch):
+            if budget is not None and updates >= budget:
+                break
             meta_batch = tasks.rows(slice(start, start + s1.meta_batch))
             # chunks only bound memory: sorting the meta-batch by length first changes nothing in the
             # meta-gradient (a sum over its tasks) but lets each chunk drop its all-pad columns
@@ -303,16 +317,31 @@ def train_stage1(
                 optimisers[name].step()
             for name, total in zip(LEARNERS, sum_losses(losses), strict=True):
                 sums[name] += total
+            updates += 1
+            seen = start + len(meta_batch)
+            if selection is not None and updates % s1.eval_every == 0:
+                selection.measure(updates)
+                model.train()
             if report:
-                done = start + len(meta_batch)
-                info = " ".join(f"{n}={sums[n] / done:.4f}" for n in LEARNERS)
-                report(epoch, done, f"epoch {epoch + 1}/{s1.epochs} {info}")
+                info = " ".join(f"{n}={sums[n] / seen:.4f}" for n in LEARNERS)
+                label = f"step {updates}/{budget}" if budget is not None else f"epoch {epoch + 1}/{s1.epochs}"
+                report(epoch, seen, f"{label} {info}")
         for name in LEARNERS:
-            history[name].append(sums[name] / max(len(tasks), 1))
+            history[name].append(sums[name] / max(seen, 1))
+        epoch += 1
+    selected = None
+    if selection is not None:
+        if updates % s1.eval_every:
+            selection.measure(updates)
+        selected = selection.restore()
     final = evaluate_tasks(model, eval_tasks, s1, n_candidates)
     for p in model.parameters():
         p.requires_grad_(True)
-    return {
+    out = {
         name: {"initial_loss": initial[name], "final_loss": final[name], "epoch_losses": history[name]}
         for name in LEARNERS
     }
+    out["meta_updates"] = updates
+    if selected is not None:
+        out["selection"] = selected
+    return out

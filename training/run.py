@@ -30,9 +30,12 @@ from training.config import TrainConfig
 from training.data.split import Split
 from training.features.types import ItemFeatures
 from training.maml import stage1_tasks, train_stage1
+from training.pretrain import pretrain
 from training.stage2_generator import train_stage2
 from training.stage3_fusion import train_stage3
-from training.warmup import validation_summary
+from training.validation import Validation
+from training.cooc_learner import choose_table
+from training.warmup import choose_warmup, validation_summary
 
 
 def data_fingerprint(split: Split, features: ItemFeatures) -> str:
@@ -115,13 +118,17 @@ def train(
     cfg: TrainConfig,
     show_progress: bool = True,
     data_dir: str | Path | None = None,
+    validation: Validation | None = None,
 ) -> dict:
-    """Train (or resume) a run; returns the metrics written to RUN/metrics.json."""
+    """Train (or resume) a run; returns the metrics written to RUN/metrics.json. `validation`: what
+    selection scores against (default: the split's new users' support and validation items)."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = restrict(split, cfg)
     check_inputs(split, features, cfg)
+    if validation is None:
+        validation = Validation.from_items(split.new_support, split.new_valid)
     torch.set_num_threads(cfg.threads)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
     fingerprint = data_fingerprint(split, features)
@@ -139,6 +146,8 @@ def train(
     if done:
         last = max(done)
         model = model_from_state(cfg, split.n_old_items, done[last]["state"])
+        if 3 in done:  # the warm-up the finished run chose (WarmupConfig.select)
+            cfg = cfg.model_copy(update={"warmup": TrainConfig.model_validate(done[3]["config"]).warmup})
     else:
         torch.manual_seed(cfg.seed)
         model = MML(cfg.model, split.n_old_items, features.text, features.image, features.image_mask)
@@ -178,20 +187,48 @@ def train(
 
             stage_start = time.perf_counter()
             if stage == 1:
-                result = train_stage1(model, split.old_seqs, cfg, eval_tasks, rng, report)
+                result = {}
+                if cfg.stage1.pretrain.steps:
+                    pre = cfg.stage1.pretrain
+
+                    def report_pre(step: int, info: str, stage: int = stage) -> None:
+                        bar.update(handles[stage], info=f"pre-training {info}")
+
+                    result["pretrain"] = pretrain(
+                        model, split.old_seqs, pre, cfg.window_max, validation, rng, report_pre
+                    )
+                result.update(
+                    train_stage1(
+                        model, split.old_seqs, cfg, eval_tasks, rng, report, validation=validation
+                    )
+                )
             elif stage == 2:
                 result = train_stage2(model, split.old_seqs, cfg, eval_tasks, rng, report)
                 model.fill_new_items()  # new items' ID rows <- generator (before stage 3 and export)
             else:
+                result = {}
+                if cfg.warmup.select:
+                    cfg, result["warmup_selection"] = choose_warmup(model, cfg, validation)
+                table = None
+                if model.has_cooc:
+                    m = cfg.model.cooc_neighbours
+                    table, result["cooc_windows"] = choose_table(
+                        split.old_seqs, split.n_items, m, cfg.cooc, validation
+                    )
+                    result["cooc_window"] = table.window
                 support_size = split.new_support.shape[1]
-                result = train_stage3(model, split.old_seqs, support_size, cfg, eval_tasks, rng, report)
+                result.update(
+                    train_stage3(
+                        model, split.old_seqs, support_size, cfg, eval_tasks, rng, report, cooc=table
+                    )
+                )
             result["wall_s"] = round(time.perf_counter() - stage_start, 1)
             losses[f"stage{stage}"] = result
             save_stage(out, stage, keys[stage], model, cfg, result)
             bar.update(handles[stage], completed=max(todo[stage][0], 1))
 
     model.eval()
-    validation = {
+    summary = {
         f"warmup_steps_{steps}": validation_summary(model, split.new_support, split.new_valid, cfg, steps)
         for steps in sorted({0, cfg.warmup.steps})
     }
@@ -206,7 +243,8 @@ def train(
         "n_old_items": split.n_old_items,
         "stages_loaded": sorted(done),
         **losses,
-        "validation": validation,
+        "warmup": cfg.warmup.model_dump(mode="json"),
+        "validation": summary,
         "wall_s": round(time.perf_counter() - started, 1),
         **peak_memory(model.device),
     }

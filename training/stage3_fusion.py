@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mml.cooc import CoocTable, build_table
 from model.mml import LEARNERS, MML
 from training.config import TrainConfig
 from training.stage2_generator import forget_mask
@@ -57,12 +58,17 @@ def fusion_loss(
     w = cfg.warmup
     hidden = {
         name: adapted_hidden(
-            model, name, support, seq, w.steps, w.lr, cfg.stage1.loss, id_table, tables[name]
+            model, name, support, seq, w.steps, w.lr, cfg.stage1.loss, id_table, tables[name], w.params
         )
         for name in LEARNERS
     }
+    target = torch.as_tensor(windows[:, -1], dtype=torch.long, device=device)
     fused, _ = model.fuse(hidden, seq > 0, tables=tables)
-    return F.cross_entropy(fused, torch.as_tensor(windows[:, -1], dtype=torch.long, device=device))
+    loss = F.cross_entropy(fused, target)
+    if model.has_cooc:  # the second fusion layer, with the co-occurrence learner, on the same passes
+        fused_cooc, _ = model.fuse(hidden, seq > 0, tables=tables, cooc=model.cooc_scores(seq))
+        loss = loss + F.cross_entropy(fused_cooc, target)
+    return loss
 
 
 def evaluate(
@@ -90,22 +96,35 @@ def train_stage3(
     eval_tasks: TaskBatch,
     rng: np.random.Generator,
     report: Callable[[int, int, str], None] | None = None,
+    cooc: CoocTable | None = None,
 ) -> dict:
+    """Train the fusion layer(s). `cooc`: the co-occurrence table of all of D_old (models with the
+    co-occurrence learner): the fusion trains on a table built WITHOUT the sampled users (else their
+    windows' own co-occurrences would inflate the learner's weight), then `cooc` is installed."""
     s3 = cfg.stage3
     length = support_size + 1
     users = rng.permutation(len(old_seqs))[: max(1, int(round(s3.user_fraction * len(old_seqs))))]
     sampled = [old_seqs[i] for i in users]
+    if model.has_cooc:
+        if cooc is None:
+            raise ValueError("a model with the co-occurrence learner needs its table in stage 3")
+        others = np.setdiff1d(np.arange(len(old_seqs)), users)
+        held_out = build_table([old_seqs[i] for i in others], model.n_items, cooc.window, cooc.m)
+        model.set_cooc(held_out.items, held_out.weights)
     eval_windows = _eval_windows(eval_tasks, length)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.fusion.parameters():
+    fusion_params = list(model.fusion.parameters())
+    if model.has_cooc:
+        fusion_params += list(model.fusion_cooc.parameters())
+    for p in fusion_params:
         p.requires_grad_(True)
     torch_rng = torch.Generator().manual_seed(int(rng.integers(2**31)))
     eval_forget = forget_mask(model, s3.forget_rate, torch.Generator().manual_seed(cfg.seed))
     model.eval()  # learners and generator frozen, no dropout; the fusion layer has none
     frozen = frozen_tables(model)
     initial = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
-    optimiser = torch.optim.Adam(model.fusion.parameters(), lr=s3.lr)
+    optimiser = torch.optim.Adam(fusion_params, lr=s3.lr)
     history = []
     for epoch in range(s3.epochs):
         windows = fusion_windows(sampled, length, rng)
@@ -123,6 +142,8 @@ def train_stage3(
                 report(epoch, done, f"epoch {epoch + 1}/{s3.epochs} ce={total / done:.4f}")
         history.append(total / max(len(windows), 1))
     final = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
+    if model.has_cooc:
+        model.set_cooc(cooc.items, cooc.weights)
     for p in model.parameters():
         p.requires_grad_(True)
     return {"initial_loss": initial, "final_loss": final, "epoch_losses": history, "users": len(sampled)}

@@ -22,6 +22,17 @@ from training.maml import adapt, candidates, theta
 from training.tasks import pad_sequences, support_tasks
 
 
+def local_params(model: MML, name: str, group: str = "theta") -> dict[str, torch.Tensor]:
+    """What the warm-up adapts: all of Theta, or the `head` = the last block's feed-forward layer."""
+    params = theta(model, name)
+    if group == "theta":
+        return params
+    if group == "head":
+        prefix = f"encoder.blocks.{model.cfg.n_layers - 1}.ffn."
+        return {k: v for k, v in params.items() if k.startswith(prefix)}
+    raise ValueError(f"warm-up params must be 'theta' or 'head', got {group!r}")
+
+
 def adapted_hidden(
     model: MML,
     name: str,
@@ -32,17 +43,19 @@ def adapted_hidden(
     loss: str,
     id_table: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
+    group: str = "theta",
 ) -> torch.Tensor:
     """Last-layer sequence (B, L, d) of learner `name` for `seq` (B, L), after `steps` local updates
     of each row's own copy of Theta on its support task (TaskBatch.torch() of the same B rows).
     No gradient (the learners are fixed here); `id_table` replaces the ID table; `table` = the
-    learner's (N+1, d) item vectors when already computed."""
+    learner's (N+1, d) item vectors when already computed; `group`: what the update changes
+    (`local_params`), the rest of the learner stays at the global parameters."""
     learner = model.learner(name)
     with torch.no_grad():
         inputs = model.learner_inputs(name, seq, id_table)
         if steps == 0:
             return learner(*inputs)
-        params = {k: v.detach() for k, v in theta(model, name).items()}
+        params = {k: v.detach() for k, v in local_params(model, name, group).items()}
         rows, target, negative = candidates(
             model, name, support["target"], support["negative"], loss, model.n_items, id_table, table
         )
@@ -68,10 +81,12 @@ def warm_scores(
     cfg: TrainConfig,
     steps: int | None = None,
     seed: int = 0,
+    cooc: bool = False,
 ) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor]]]:
     """For users with support items (U, S) and scoring inputs (U, S') (right-padded, 0 = pad), in chunks:
     (rows, fused scores (b, N+1), {learner: raw scores (b, N+1)}) after the warm-up (cfg.warmup;
-    `steps` overrides its number of steps). Column 0 (pad) is -inf."""
+    `steps` overrides its number of steps). Column 0 (pad) is -inf. `cooc`: fuse with the
+    co-occurrence learner (`fusion_cooc`; its scores are returned as per-learner "cooc")."""
     steps = cfg.warmup.steps if steps is None else steps
     max_len = cfg.model.max_len
     rng = np.random.default_rng(seed)
@@ -90,12 +105,16 @@ def warm_scores(
             )  # no pad columns
             hidden = {
                 name: adapted_hidden(
-                    model, name, support, seq, steps, cfg.warmup.lr, cfg.stage1.loss, table=tables[name]
-                )
+                    model, name, support, seq, steps, cfg.warmup.lr, cfg.stage1.loss,
+                    table=tables[name], group=cfg.warmup.params,
+                )  # fmt: skip
                 for name in LEARNERS
             }
             with torch.no_grad():
-                fused, per_learner = model.fuse(hidden, seq > 0, tables=tables)
+                co = model.cooc_scores(seq) if cooc else None
+                fused, per_learner = model.fuse(hidden, seq > 0, tables=tables, cooc=co)
+                if co is not None:
+                    per_learner = {**per_learner, "cooc": co}
             yield rows, fused, per_learner
     finally:
         model.train(was_training)
@@ -114,16 +133,57 @@ def validation_summary(
     from training.evaluation.metrics import mean_metrics, per_user_metrics
 
     names = tuple(f"{kind}@{k}" for kind in ("recall", "ndcg") for k in ks)
-    per_user: dict[str, dict[str, list[np.ndarray]]] = {
-        key: {n: [] for n in names} for key in ("fused", *LEARNERS)
-    }
-    for rows, fused, per_learner in warm_scores(model, support_items, support_items, cfg, steps):
-        targets = np.asarray(valid_items[rows])
-        for key, scores in (("fused", fused), *per_learner.items()):
-            values = per_user_metrics(scores.cpu().numpy(), targets, names)
-            for n in names:
-                per_user[key][n].append(values[n])
+    keys = ("fused", *LEARNERS) + (("fused_cooc", "cooc") if model.has_cooc else ())
+    per_user: dict[str, dict[str, list[np.ndarray]]] = {key: {n: [] for n in names} for key in keys}
+    passes = [False, True] if model.has_cooc else [False]
+    for cooc in passes:
+        for rows, fused, per_learner in warm_scores(
+            model, support_items, support_items, cfg, steps, cooc=cooc
+        ):
+            targets = np.asarray(valid_items[rows])
+            found = {"fused_cooc": fused, "cooc": per_learner["cooc"]} if cooc else {"fused": fused, **per_learner}
+            for key, scores in found.items():
+                values = per_user_metrics(scores.cpu().numpy(), targets, names)
+                for n in names:
+                    per_user[key][n].append(values[n])
     return {
         key: mean_metrics({n: np.concatenate(v) for n, v in metrics.items()})
         for key, metrics in per_user.items()
     }
+
+
+def average_scores(per_learner: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the learners' scores standardised over the items 1..N (Eq. 9 with gamma = 1, beta = 0,
+    A uniform): the fusion before it is trained, and the No-Fusion ablation. Column 0 = -inf."""
+    parts = []
+    for scores in per_learner.values():
+        items = scores[:, 1:]
+        std = items.std(dim=1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        parts.append((items - items.mean(dim=1, keepdim=True)) / std)
+    mean = torch.stack(parts).mean(dim=0)
+    return torch.cat([torch.full_like(mean[:, :1], float("-inf")), mean], dim=1)
+
+
+def choose_warmup(model: MML, cfg: TrainConfig, validation) -> tuple[TrainConfig, list[dict]]:
+    """The warm-up (params, steps, lr) from cfg.warmup's grids that is best on the validation item,
+    scored with the learners' average (the fusion is trained afterwards, with the chosen warm-up).
+    Returns cfg with the choice in cfg.warmup (select off) and every candidate's value."""
+    w = cfg.warmup
+    candidates = [(w.grid_params[0], 0, w.grid_lrs[0])] if 0 in w.grid_steps else []
+    candidates += [(g, s, lr) for g in w.grid_params for s in w.grid_steps if s > 0 for lr in w.grid_lrs]
+    users = np.arange(len(validation))
+    tried, best = [], None
+    for group, steps, lr in candidates:
+        trial = cfg.model_copy(update={"warmup": w.model_copy(update={"params": group, "steps": steps, "lr": lr})})
+        parts = [
+            average_scores(per_learner).numpy()
+            for _, _, per_learner in warm_scores(model, validation.support, validation.support, trial)
+        ]
+        value = float(validation.per_user(np.concatenate(parts), users).mean())
+        tried.append({"params": group, "steps": steps, "lr": lr, "mrr@10": value})
+        if best is None or value > best[0]:
+            best = (value, trial)
+    if best is None:
+        raise ValueError("warm-up selection: the grids name no candidate")
+    chosen = best[1]
+    return chosen.model_copy(update={"warmup": chosen.warmup.model_copy(update={"select": False})}), tried

@@ -2,24 +2,26 @@
 
 One trained run per (setting, seed, kind) serves several rows: the run is made with
 `training.run.train` (resumable: a finished run is loaded, not retrained) in the method's work folder,
-then each row scores differently:
+with the protocol's validator as its selection signal (early stopping, warm-up grid, co-occurrence
+window), then each row scores differently:
 
-| row            | run                          | scoring                                                      |
-|----------------|------------------------------|--------------------------------------------------------------|
-| mml            | MML, stage-1 loss BPR        | fused scores after the warm-up (cfg.warmup.steps)            |
-| mml_ce         | MML, stage-1 loss CE         | the same                                                      |
-| mml_q          | MML (BPR), query = last 80 % | fused scores after the warm-up                                |
-| mml_ce_q       | MML (CE), query = last 80 %  | the same                                                      |
-| mml_id_q       | MML (BPR), query = last 80 % | the ID learner's scores alone                                 |
-| mml_zero_shot  | MML (BPR)                    | fused scores with 0 warm-up steps (the global parameters)    |
-| no_gen         | MML (BPR)                    | new items' ID rows = random N(0, init_std) instead of generated |
-| no_fusion      | MML (BPR)                    | average of the three learners' standardised scores (Eq. 9 without the learned affine, A = 1/3) |
-| mml_id         | MML (BPR)                    | the ID learner's scores alone (no text/image learner, no fusion) |
-| pt_ft          | stage 1 with 0 local steps   | fused scores after the same warm-up (fine-tuning on the support) |
+| row            | run                                   | scoring                                              |
+|----------------|---------------------------------------|------------------------------------------------------|
+| mml            | MML (the profile's recipe)            | fused scores of the three learners after the warm-up |
+| mml_cooc       | MML                                   | fused with the co-occurrence learner (`fusion_cooc`) |
+| mml_zero_shot  | MML                                   | fused scores with 0 warm-up steps                    |
+| no_gen         | MML                                   | new items' ID rows = random N(0, init_std) instead of generated |
+| no_fusion      | MML                                   | average of the three learners' standardised scores (A = 1/3) |
+| mml_id         | MML                                   | the ID learner's scores alone                        |
+| mml_text       | MML                                   | the text learner's scores alone                      |
+| mml_image      | MML                                   | the image learner's scores alone                     |
+| pt_ft          | the recipe without meta-training      | fused scores after the warm-up chosen for it         |
+| mml_paper      | the paper's recipe (MAML from scratch, BPR, last item as query; `paper-quick` / `paper`) | fused scores after its warm-up |
 
-PT-FT keeps MML's structure and every stage but replaces MAML by plain multi-task pre-training: with
-no local update, stage 1 trains the global parameters directly on the same tasks' query items; the
-per-user fine-tuning is the same warm-up as MML's (same steps, same learning rate).
+PT-FT, as the paper defines it: the model with MML's structure pre-trained on D_old (stage 1a, the
+weights best on validation), no meta-training (stage 1b has 0 updates), then fine-tuned on each new
+user's support items with the warm-up whose parameter group, steps and learning rate are chosen on
+the validation item from a grid that includes 0 steps.
 
 The ablations are inference-time variants of one trained model (they differ from MML only in how the
 trained parts are combined), so their differences to MML measure the contribution of each part as
@@ -27,8 +29,7 @@ trained, not of a model retrained without it.
 
 What `train` receives: D_old and the new users' support items. Its Split also needs a validation and
 a query item per new user (for the run's own metrics.json summary); both are set to the user's LAST
-SUPPORT item, so the held-out items never reach training. (Hook asked of the training stage: a
-`train(..., validate=False)` that needs no held-out items.)
+SUPPORT item, so the held-out items never reach training; selection goes through the validator.
 """
 
 from __future__ import annotations
@@ -43,41 +44,32 @@ from mml.errors import MMLError
 from training.config import merge_settings
 from training.evaluation.protocol import Method, TrainData, Validator
 
-ROWS: dict[str, tuple[str, str]] = {  # row -> (run kind, stage-1 loss)
-    "mml": ("mml", "bpr"),
-    "mml_ce": ("mml", "ce"),
-    "mml_zero_shot": ("mml", "bpr"),
-    "no_gen": ("mml", "bpr"),
-    "no_fusion": ("mml", "bpr"),
-    "mml_id": ("mml", "bpr"),
-    "pt_ft": ("ptft", "bpr"),
-    "mml_ce_long": ("mml", "ce"),
-    "mml_q": ("mml", "bpr"),
-    "mml_ce_q": ("mml", "ce"),
-    "mml_id_q": ("mml", "bpr"),
+ROWS: dict[str, str] = {  # row -> run kind
+    "mml": "mml",
+    "mml_cooc": "mml",
+    "mml_zero_shot": "mml",
+    "no_gen": "mml",
+    "no_fusion": "mml",
+    "mml_id": "mml",
+    "mml_text": "mml",
+    "mml_image": "mml",
+    "pt_ft": "ptft",
+    "mml_paper": "paper",
 }
-# Rows whose training differs from the profile's beyond the loss: (run-name suffix, settings).
-# mml_ce_long: stage 1 with 10 meta-epochs instead of the quick profile's 2 (840 Adam steps per
-# learner on ML-1M, about SASRec's budget in the quick evaluation profile): is MML's gap budget?
-# mml_q / mml_ce_q / mml_id_q: the query set of each meta-training task is the last 80 % of its
-# targets instead of the last item (TaskConfig.query_share): the item embeddings Gamma learn only from
-# query targets, one per user and epoch in the paper's tasks (docs/model.md, "query share").
-QUERY_SHARE = 0.8
-ROW_TRAINING: dict[str, tuple[str, dict[str, Any]]] = {
-    "mml_ce_long": ("long", {"stage1": {"epochs": 10}}),
-    "mml_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
-    "mml_ce_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
-    "mml_id_q": ("q", {"tasks": {"query_share": QUERY_SHARE}}),
-}
+SINGLE_LEARNER = {"mml_id": "id", "mml_text": "text", "mml_image": "image"}
+PAPER_PROFILE = {"quick": "paper-quick", "full": "paper"}  # the paper's recipe at a comparable budget
 
 
-def train_config(kind: str, profile: str, loss: str, seed: int, overrides: dict[str, Any] | None = None):
-    """The TrainConfig of a run: the named profile, `overrides` (tests), then the row's own settings."""
+def train_config(kind: str, profile: str, seed: int, overrides: dict[str, Any] | None = None):
+    """The TrainConfig of a run: the named profile (the paper's recipe for kind `paper`), `overrides`
+    (tests), then the kind's own settings."""
     from training.config import profile as make_profile
 
-    settings: dict[str, Any] = {"seed": seed, "stage1": {"loss": loss}}
+    settings: dict[str, Any] = {"seed": seed}
     if kind == "ptft":
-        settings["stage1"]["inner_steps"] = 0  # no local update: plain multi-task pre-training
+        settings["stage1"] = {"steps": 0}  # pre-training only: no meta-update
+    if kind == "paper":
+        profile = PAPER_PROFILE.get(profile, profile)
     return make_profile(profile, **merge_settings(overrides or {}, settings))
 
 
@@ -117,7 +109,7 @@ class MMLRow(Method):
         if name not in ROWS:
             raise MMLError(f"unknown MML row {name!r}; choose from {', '.join(ROWS)}")
         self.name = name
-        self.kind, self.loss = ROWS[name]
+        self.kind = ROWS[name]
         self.train_profile = train_profile
 
     def fit(self, data: TrainData, validator: Validator) -> None:
@@ -125,27 +117,38 @@ class MMLRow(Method):
 
         from training.checkpoint import load_model
         from training.run import train
+        from training.validation import Validation
 
         if data.features is None:
             raise MMLError(f"{self.name}: needs the item features (mml data features --data DIR)")
         if data.work_dir is None:
             raise MMLError(f"{self.name}: needs a work folder for its training run")
-        suffix, extra = ROW_TRAINING.get(self.name, ("", {}))
-        overrides = merge_settings(self.overrides or {}, extra)
-        cfg = train_config(self.kind, self.train_profile, self.loss, data.seed, overrides)
-        profile_name = f"{self.train_profile}-{suffix}" if suffix else self.train_profile
-        run_dir = Path(data.work_dir) / f"{self.kind}-{self.loss}-{profile_name}-seed{data.seed}"
+        cfg = train_config(self.kind, self.train_profile, data.seed, self.overrides)
+        run_dir = Path(data.work_dir) / f"{self.kind}-{cfg.profile}-seed{data.seed}"
         split = training_split(data)
         if not _finished(run_dir, cfg, split, data.features):
-            self.log(f"training {run_dir.name} ({self.train_profile} profile)")
-            train(split, data.features, run_dir, cfg, show_progress=False)
+            self.log(f"training {run_dir.name} ({cfg.profile} profile)")
+            validation = Validation(np.asarray(data.new_support), validator.per_user)
+            train(split, data.features, run_dir, cfg, show_progress=False, validation=validation)
         self.model, self.cfg = load_model(run_dir)
+        if self.name == "mml_cooc" and not self.model.has_cooc:
+            raise MMLError(f"{self.name}: the {cfg.profile} profile trains no co-occurrence learner")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         self.info.update(
-            train_profile=self.train_profile,
+            train_profile=cfg.profile,
             run=str(run_dir),
             train_seconds=metrics.get("wall_s"),
             stages_loaded=metrics.get("stages_loaded"),
+            warmup=metrics.get("warmup"),
+            selection={
+                key: metrics.get(f"stage{stage}", {}).get(key)
+                for stage, key in (
+                    (1, "pretrain"),
+                    (1, "selection"),
+                    (3, "warmup_selection"),
+                    (3, "cooc_windows"),
+                )
+            },
         )
         if self.name == "no_gen":
             generator = torch.Generator().manual_seed(data.seed)
@@ -162,37 +165,23 @@ class MMLRow(Method):
         return support
 
     def score(self, users: np.ndarray, history: np.ndarray, state: Any) -> np.ndarray:
-        from training.warmup import warm_scores
+        from training.warmup import average_scores, warm_scores
 
         out = []
+        cooc = self.name == "mml_cooc"
         for _rows, fused, per_learner in warm_scores(
-            self.model, state, history, self.cfg, self.steps, seed=0
+            self.model, state, history, self.cfg, self.steps, seed=0, cooc=cooc
         ):
-            if self.name in ("mml_id", "mml_id_q"):
-                scores = per_learner["id"]
+            if self.name in SINGLE_LEARNER:
+                scores = per_learner[SINGLE_LEARNER[self.name]]
             elif self.name == "no_fusion":
-                scores = _average(per_learner)
+                scores = average_scores(per_learner)
             else:
                 scores = fused
             out.append(scores.numpy())
         scores = np.concatenate(out).astype(np.float32)
         scores[:, 0] = 0.0  # the pad column is ignored by the metrics; keep the matrix finite
         return scores
-
-
-def _average(per_learner: dict) -> Any:
-    """Mean of the learners' scores standardised over the items 1..N (Eq. 9 with gamma=1, beta=0)."""
-    import torch
-
-    parts = []
-    for scores in per_learner.values():
-        items = scores[:, 1:]
-        normed = (items - items.mean(dim=1, keepdim=True)) / items.std(
-            dim=1, unbiased=False, keepdim=True
-        ).clamp_min(1e-12)
-        parts.append(normed)
-    mean = torch.stack(parts).mean(dim=0)
-    return torch.cat([torch.zeros_like(mean[:, :1]), mean], dim=1)
 
 
 def mml_method(name: str, train_profile: str, threads: int | None = None) -> Method:
