@@ -76,7 +76,7 @@ METHOD_NOTES: dict[str, str] = {
     "sasrec": "SASRec (2 blocks, 2 heads, learned positions, tied output) trained from scratch on D_old with "
     "full-softmax cross-entropy at every position of each old user's last 50+1 items; Adam; a step budget "
     "that scales with the data (with a floor) and early stopping on the validation item; loss, learning "
-    "rate, dropout and size chosen by coordinate search over the grids below.",
+    "rate, dropout and size chosen by coordinate search over the grids above.",
     "gru4rec": "GRU4Rec (one GRU layer over item embeddings, dropout on its input and output, tied output), "
     "trained and selected exactly like SASRec (cross-entropy at every position, same windows, budget and "
     "early stopping) over its own grids.",
