@@ -321,6 +321,7 @@ def _measure(
         {
             "recall_p50_ms": round(float(np.percentile(server_ms, 50)), 3),
             "recall_p99_ms": round(float(np.percentile(server_ms, 99)), 3),
+            "recall_max_ms": round(float(server_ms.max()), 3),  # compare recall_max_ms_during_burst
             "recall_long_p50_ms": round(float(np.percentile(long_ms, 50)), 3),
             "recall_long_p99_ms": round(float(np.percentile(long_ms, 99)), 3),
             "recall_client_p99_ms": round(float(np.percentile(steady["client_ms"], 99)), 3),
