@@ -34,7 +34,7 @@ import numpy as np
 from service import metrics
 from service.ab import ExposureLog, exposure_record
 from service.config import ServiceSettings
-from service.errors import ApiError, invalid
+from service.errors import invalid
 from service.runtime import SequenceInputs
 from service.schemas import RecallRequest, RecallResponse
 from service.snapshot import ServingSnapshot
@@ -289,8 +289,8 @@ class RecallRunner:
             arm = deployment.arms[deployment.assigner.assign(req.user_id)]
 
         ctx = RecallContext(req, deployment.snapshots[arm.bundle])
-        timings: dict[str, float] = {}
-        t = start
+        timings: dict[str, float] = {}  # stage names are unique within a chain
+        t = time.perf_counter()
         for stage in arm.chain:
             stage(ctx)
             now = time.perf_counter()
@@ -348,4 +348,4 @@ def count_refused(status: int) -> None:
     metrics.REQUESTS.labels(arm="none", status=str(status)).inc()
 
 
-__all__ = ["ApiError", "RecallContext", "RecallRunner", "Stage", "mml_chain", "popularity_chain"]
+__all__ = ["RecallContext", "RecallRunner", "Stage", "mml_chain", "popularity_chain", "run_chain"]
