@@ -35,6 +35,7 @@ from mml.errors import BundleError, MMLError
 
 # --- the layout ---------------------------------------------------------------------------------
 TABLES_FILE = "tables/items.npz"
+COOC_FILE = "tables/cooc.npz"  # the co-occurrence learner's top-M table: items, weights (N+1, M), window
 INDEX_FILE = "index/neighbours.faiss"
 ENCODERS_DIR = "encoders"
 TORCH_DIR = "torch"  # state_dict + model config for warm-up with gradients (needs torch; optional)
@@ -60,9 +61,17 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("id_emb",),
     ),
     "item_tower": (("text", "image", "image_mask"), ("text_vec", "image_vec")),
+    # with the co-occurrence learner (mml/cooc.py): the second fusion layer; fused score of item i =
+    # items_concat[i] . query + bias + cooc_weight * (c_i - mean c) / std c, c = the history's
+    # co-occurrence scores from tables/cooc.npz (weights (B,4): id, text, image, cooc)
+    "recall_cooc": (
+        ("item_emb", "text", "image", "image_mask", "valid"),
+        ("weights", "query", "bias", "cooc_weight"),
+    ),
 }
 GRAPH_FILES = {role: f"graphs/{role}.onnx" for role in GRAPH_IO}
-SEQUENCE_ROLES = ("learner_id", "learner_text", "learner_image", "fusion", "recall")
+OPTIONAL_ROLES = ("recall_cooc",)  # only in bundles of models with the co-occurrence learner
+SEQUENCE_ROLES = ("learner_id", "learner_text", "learner_image", "fusion", "recall", "recall_cooc")
 LENGTH_AXIS = "length"  # the symbolic name of axis 1 in a dynamic-length sequence graph
 
 # tables/items.npz, one row per catalogue row (row = item_idx, row 0 = pad)
@@ -108,6 +117,7 @@ class LoadedBundle:
     encoders_dir: Path | None  # text.onnx, tokenizer.json, image.onnx, encoders.json (None: not shipped)
     torch_dir: Path | None  # torch/ state_dict + model.json (None: not shipped)
     load_seconds: float = field(default=0.0)
+    cooc: Any = None  # mml.cooc.CoocTable of the co-occurrence learner (None: the paper's three learners)
 
     @property
     def dims(self):
@@ -217,6 +227,41 @@ def _load_tables(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return tables
 
 
+def _load_cooc(root: Path, manifest: Manifest):
+    """tables/cooc.npz as a mml.cooc.CoocTable, or None when the bundle has no co-occurrence learner."""
+    from mml.cooc import CoocTable
+
+    if COOC_FILE not in {entry.path for entry in manifest.files}:
+        return None
+    data = _read_verified(root, manifest, COOC_FILE)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            items, weights, window = npz["items"], npz["weights"], int(npz["window"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{root}/{COOC_FILE}: unreadable ({exc})") from exc
+    rows = manifest.dims.n_items + 1
+    if (
+        items.ndim != 2
+        or items.shape[0] != rows
+        or weights.shape != items.shape
+        or items.dtype.kind not in "iu"
+    ):
+        raise BundleError(
+            f"{root}/{COOC_FILE}: items/weights must be (N+1={rows}, M), got {items.shape}/{weights.shape}"
+        )
+    if items.min(initial=0) < 0 or items.max(initial=0) > manifest.dims.n_items:
+        raise BundleError(
+            f"{root}/{COOC_FILE}: neighbour items must be catalogue rows 0..{manifest.dims.n_items}"
+        )
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise BundleError(f"{root}/{COOC_FILE}: weights must be finite and >= 0")
+    items = np.ascontiguousarray(items, dtype=np.int64)
+    items.setflags(write=False)
+    weights.setflags(write=False)
+    return CoocTable(items, weights, window)
+
+
 def _load_index(root: Path, manifest: Manifest):
     import faiss
 
@@ -305,6 +350,9 @@ def load_bundle(
     if len(row_of) != manifest.dims.n_items:
         raise BundleError(f"{root}/{TABLES_FILE}: item ids are not unique")
     neighbours = _load_index(root, manifest)
+    cooc = _load_cooc(root, manifest)
+    if (cooc is None) != ("recall_cooc" not in manifest.graphs):
+        raise BundleError(f"{root}: {COOC_FILE} and the recall_cooc graph come together")
 
     listed = {f.path for f in manifest.files}
     encoders_dir = None
@@ -333,4 +381,5 @@ def load_bundle(
         encoders_dir=encoders_dir,
         torch_dir=torch_dir,
         load_seconds=time.perf_counter() - start,
+        cooc=cooc,
     )

@@ -14,11 +14,21 @@ from training.synthetic import synthetic
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {  # a few seconds per run (the training stage's own test settings)
-    "model": {"d": 16, "d_ffn": 32, "max_len": 12, "n_neighbours": 4},
-    "stage1": {"epochs": 1, "meta_batch": 16, "chunk": 16, "inner_steps": 1, "lr_id": 1e-2},
+    "model": {"d": 16, "d_ffn": 32, "max_len": 12, "n_neighbours": 4, "cooc_neighbours": 5},
+    "stage1": {
+        "epochs": 1,
+        "meta_batch": 16,
+        "chunk": 16,
+        "inner_steps": 1,
+        "lr_id": 1e-2,
+        "pretrain": {"steps": 6, "eval_every": 3, "batch": 16},
+        "steps": 2,
+        "eval_every": 1,
+    },
     "stage2": {"epochs": 1, "batch": 64},
     "stage3": {"epochs": 1, "batch": 64, "user_fraction": 1.0},
-    "warmup": {"steps": 1},
+    "warmup": {"steps": 1, "grid_steps": (0, 1), "grid_lrs": (1e-2,), "grid_params": ("theta",)},
+    "cooc": {"windows": (1, 2)},
     "eval_tasks": 16,
 }
 HELD_OUT = 60  # the last catalogue item: only ever a validation / query item below
@@ -59,7 +69,7 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
     split, features = _split()
     results = {}
     for name in ROWS:
-        if name in OPTIONAL_ROWS:  # the same code paths as mml / mml_id, other training settings
+        if name in OPTIONAL_ROWS:  # the paper's recipe: test below
             continue
         method = RecordingRow(name, "quick", overrides=TINY)
         results[name] = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
@@ -69,18 +79,35 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
         assert not np.isin(HELD_OUT, np.concatenate(method.seen_adapt)).any()
         assert 0.0 <= results[name].means()["recall@20"] <= 1.0
     # one MML run and one PT-FT run were trained; the ablations reused the MML run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mml-bpr-quick-seed0", "ptft-bpr-quick-seed0"]
-    assert results["mml_zero_shot"].info["warmup_steps"] == 0 and results["mml"].info["warmup_steps"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mml-quick-seed0", "ptft-quick-seed0"]
+    assert results["mml_zero_shot"].info["warmup_steps"] == 0
+    chosen = results["mml"].info["warmup"]
+    tried = results["mml"].info["selection"]["warmup_selection"]
+    assert {t["steps"] for t in tried} == {0, 1}  # the grid includes no warm-up at all
+    best = max(tried, key=lambda t: t["mrr@10"])
+    assert (chosen["steps"], chosen["lr"]) == (best["steps"], best["lr"])
+    assert results["mml"].info["warmup_steps"] == chosen["steps"]
+    # PT-FT: pre-training only, no meta-update
+    ptft = results["pt_ft"].info["selection"]["selection"]
+    assert ptft is None or all(step == 0 for step in ptft["best_step"].values())
+    # the co-occurrence row differs from the paper's three-learner row
+    assert (
+        not np.allclose(
+            results["mml_cooc"].per_user["unmasked"]["mrr@20"], results["mml"].per_user["unmasked"]["mrr@20"]
+        )
+        or results["mml_cooc"].info["selection"]["cooc_windows"]
+    )
 
 
-def test_query_share_rows_share_one_run_trained_with_most_targets_as_query(tmp_path) -> None:
+def test_paper_row_trains_the_papers_recipe(tmp_path) -> None:
     import json
 
     split, features = _split()
-    for name in ("mml_q", "mml_id_q"):
-        method = RecordingRow(name, "quick", overrides=TINY)
-        result = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
-        assert 0.0 <= result.means()["recall@20"] <= 1.0
-    assert [p.name for p in tmp_path.iterdir()] == ["mml-bpr-quick-q-seed0"]
-    config = json.loads((tmp_path / "mml-bpr-quick-q-seed0" / "config.json").read_text())
-    assert config["tasks"]["query_share"] == 0.8
+    method = RecordingRow(
+        "mml_paper", "quick", overrides={**TINY, "model": {**TINY["model"], "cooc_neighbours": 0}}
+    )
+    result = evaluate(method, split, features=features, seed=0, work_dir=str(tmp_path))
+    assert 0.0 <= result.means()["recall@20"] <= 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["paper-paper-quick-seed0"]
+    config = json.loads((tmp_path / "paper-paper-quick-seed0" / "config.json").read_text())
+    assert config["stage1"]["loss"] == "bpr" and config["tasks"]["query_share"] == 0.0

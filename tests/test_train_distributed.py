@@ -58,7 +58,7 @@ TINY = {
 
 
 def config(**model) -> TrainConfig:
-    return profile("quick", **{**TINY, "model": {**TINY["model"], **model}})
+    return profile("paper-quick", **{**TINY, "model": {**TINY["model"], **model}})
 
 
 def write_split(folder: Path, split: Split, features: ItemFeatures) -> None:

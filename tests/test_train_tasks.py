@@ -96,9 +96,15 @@ def test_losses_ignore_masked_positions():
 
 
 def test_profiles_and_overrides():
-    quick, paper = profile("quick"), profile("paper")
+    quick, paper = profile("paper-quick"), profile("paper")
     assert paper.stage1.epochs == 10 and paper.stage1.inner_steps == 5 and paper.stage1.inner_lr == 1e-3
+    assert (
+        paper.stage1.pretrain.steps == 0 and paper.stage1.loss == "bpr" and paper.model.cooc_neighbours == 0
+    )
     assert quick.stage1.epochs < paper.stage1.epochs
+    recipe, full = profile("quick"), profile("full")
+    assert recipe.stage1.pretrain.steps < full.stage1.pretrain.steps and recipe.stage1.loss == "ce"
+    assert recipe.warmup.select and 0 in recipe.warmup.grid_steps and recipe.model.cooc_neighbours > 0
     assert profile("quick", stage1={"loss": "ce"}).stage1.loss == "ce"
     with pytest.raises(ValueError, match="profile"):
         profile("fast")

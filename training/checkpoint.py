@@ -60,6 +60,23 @@ def stage_key(cfg: TrainConfig, data_fingerprint: str, stage: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def pretrain_key(cfg: TrainConfig, data_fingerprint: str) -> str:
+    """Hash of what stage 1a (next-item pre-training) depends on: two runs that differ only after it
+    (MML and PT-FT) share its result (`PRETRAINED`)."""
+    parts = {
+        "data": data_fingerprint,
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(),
+        "window": cfg.window_max,
+        "users": [cfg.max_old_users],
+        "pretrain": cfg.stage1.pretrain.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRETRAINED = "stage1a.pt"  # the model after stage 1a, with its pretrain_key and selection record
+
+
 def save_stage(run_dir: Path, stage: int, key: str, model: MML, cfg: TrainConfig, losses: dict) -> None:
     path = stage_path(run_dir, stage)
     tmp = path.with_suffix(".tmp")

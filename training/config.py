@@ -68,6 +68,14 @@ class PretrainConfig(_Frozen):
     )
     eval_every: int = Field(100, ge=1, description="steps between validation measurements")
     patience: int = Field(3, ge=1, description="measurements without improvement before a learner stops")
+    id_init: Literal["random", "cooc_svd"] = Field(
+        "cooc_svd",
+        description="start of the ID embeddings: random N(0, init_std), or the truncated SVD of D_old's "
+        "positive-PMI co-occurrence matrix (measured: the ID learner leaves popularity level within 50 "
+        "steps instead of after hundreds or never, docs/model.md)",
+    )
+    id_init_window: int = Field(3, ge=1, description="co-occurrence window of the SVD start")
+    id_init_std: float = Field(0.06, gt=0.0, description="std of the SVD start's entries (rows 1..N)")
 
 
 class Stage1Config(_Frozen):
@@ -159,7 +167,8 @@ class CoocConfig(_Frozen):
     """The co-occurrence learner (beyond the paper; mml/cooc.py). On when model.cooc_neighbours > 0."""
 
     windows: tuple[int, ...] = Field(
-        (1, 2, 3, 5, 10), description="co-occurrence windows tried; the one best on the validation item is kept"
+        (1, 2, 3, 5, 10),
+        description="co-occurrence windows tried; the one best on the validation item is kept",
     )
 
 
@@ -233,7 +242,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         RECIPE,
         {
             "tasks": {"max_len": 21},
-            "stage1": {"pretrain": {"steps": 500, "eval_every": 50, "patience": 4}, "steps": 40, "eval_every": 10},
+            "stage1": {
+                "pretrain": {"steps": 500, "eval_every": 50, "patience": 4},
+                "steps": 40,
+                "eval_every": 10,
+            },
             "stage2": {"epochs": 1},
             "stage3": {"epochs": 1},
         },

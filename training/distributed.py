@@ -176,7 +176,13 @@ def train_stage1_distributed(
 ) -> dict:
     """`training.maml.train_stage1` over the ranks of the default process group (or one process):
     same tasks, same meta-batches, each meta-gradient computed in shards and all-reduced, the same
-    Adam step on every rank. `rng` must be seeded alike on every rank. Same result dict."""
+    Adam step on every rank. `rng` must be seeded alike on every rank. Same result dict. Runs the
+    MAML part of stage 1 only: next-item pre-training and validation selection are single-process."""
+    if cfg.stage1.pretrain.steps or cfg.stage1.eval_every is not None:
+        raise MMLError(
+            "the distributed trainer runs stage 1b (MAML) only: use a profile without pre-training and "
+            "validation selection (stage1.pretrain.steps=0, stage1.eval_every unset), e.g. paper"
+        )
     return train_stage1(
         model,
         old_seqs,

@@ -46,6 +46,40 @@ def sample_batch(
     return seq, target
 
 
+def cooc_svd_embeddings(
+    old_seqs: list[np.ndarray], n_items: int, d: int, window: int, std: float
+) -> np.ndarray:
+    """(N+1, d) item vectors: U sqrt(S) of the rank-d truncated SVD of D_old's positive-PMI matrix of
+    co-occurrence within `window` positions, scaled to entry std `std` (items never seen: zeros)."""
+    from scipy import sparse
+    from scipy.sparse.linalg import svds
+
+    from mml.cooc import counts
+
+    c = counts(old_seqs, n_items, window).astype(np.float64).tocoo()
+    total, row = c.data.sum(), np.asarray(c.tocsr().sum(axis=1)).ravel()
+    pmi = np.log(c.data * total / (row[c.row] * row[c.col]))
+    keep = pmi > 0
+    ppmi = sparse.csr_matrix((pmi[keep], (c.row[keep], c.col[keep])), shape=c.shape)
+    k = min(d, min(ppmi.shape) - 1)
+    u, s, _ = svds(ppmi, k=k, random_state=0)
+    out = np.zeros((n_items + 1, d))
+    out[:, :k] = u * np.sqrt(s)
+    out[row == 0] = 0.0  # pad and items without co-occurrence: exactly zero, not SVD round-off
+    spread = out[1:].std()
+    return (out * (std / spread if spread > 0 else 0.0)).astype(np.float32)
+
+
+def init_id_embeddings(model: MML, old_seqs: list[np.ndarray], cfg: PretrainConfig) -> None:
+    """The ID table's start (PretrainConfig.id_init); row 0 (pad) stays zero."""
+    if cfg.id_init == "random":
+        return
+    table = cooc_svd_embeddings(old_seqs, model.n_items, model.cfg.d, cfg.id_init_window, cfg.id_init_std)
+    with torch.no_grad():
+        model.item_emb.weight.copy_(torch.as_tensor(table, device=model.device))
+        model.item_emb.weight[0].zero_()
+
+
 def next_item_loss(model: MML, name: str, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean CE of learner `name` at every position with a target, over the old items."""
     x, valid, sims = model.learner_inputs(name, seq)
@@ -66,6 +100,7 @@ def pretrain(
     """Pre-train the three learners (each its own Adam) for at most cfg.steps steps; the model ends
     at each learner's best state on the validation item. Returns the selection record."""
     usable = [s for s in old_seqs if len(s) >= 2]
+    init_id_embeddings(model, old_seqs, cfg)
     optimisers = {name: torch.optim.Adam(learner_parameters(model, name), lr=cfg.lr) for name in LEARNERS}
     selection = BestPerLearner(model, validation, learner_parameters)
     active = set(LEARNERS)

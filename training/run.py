@@ -25,8 +25,18 @@ import torch
 from mml.errors import DataError, MMLError
 from mml.progress import progress
 from model.mml import MML
-from training.checkpoint import STAGES, model_from_state, read_stage, save_stage, stage_key, write_run_info
+from training.checkpoint import (
+    PRETRAINED,
+    STAGES,
+    model_from_state,
+    pretrain_key,
+    read_stage,
+    save_stage,
+    stage_key,
+    write_run_info,
+)
 from training.config import TrainConfig
+from training.cooc_learner import choose_table
 from training.data.split import Split
 from training.features.types import ItemFeatures
 from training.maml import stage1_tasks, train_stage1
@@ -34,7 +44,6 @@ from training.pretrain import pretrain
 from training.stage2_generator import train_stage2
 from training.stage3_fusion import train_stage3
 from training.validation import Validation
-from training.cooc_learner import choose_table
 from training.warmup import choose_warmup, validation_summary
 
 
@@ -119,9 +128,12 @@ def train(
     show_progress: bool = True,
     data_dir: str | Path | None = None,
     validation: Validation | None = None,
+    pretrained_from: tuple[Path, ...] = (),
 ) -> dict:
     """Train (or resume) a run; returns the metrics written to RUN/metrics.json. `validation`: what
-    selection scores against (default: the split's new users' support and validation items)."""
+    selection scores against (default: the split's new users' support and validation items).
+    `pretrained_from`: other run folders whose stage-1a result (RUN/stage1a.pt) is reused when it
+    was made from the same data and pre-training settings (MML and PT-FT share it)."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,18 +201,35 @@ def train(
             if stage == 1:
                 result = {}
                 if cfg.stage1.pretrain.steps:
-                    pre = cfg.stage1.pretrain
+                    pre_key = pretrain_key(cfg, fingerprint)
+                    reused = _pretrained(pre_key, (out, *pretrained_from))
+                    if reused is not None:
+                        model.load_state_dict(reused["state"])
+                        result["pretrain"] = {**reused["record"], "reused_from": reused["from"]}
+                    else:
 
-                    def report_pre(step: int, info: str, stage: int = stage) -> None:
-                        bar.update(handles[stage], info=f"pre-training {info}")
+                        def report_pre(step: int, info: str, stage: int = stage) -> None:
+                            bar.update(handles[stage], info=f"pre-training {info}")
 
-                    result["pretrain"] = pretrain(
-                        model, split.old_seqs, pre, cfg.window_max, validation, rng, report_pre
-                    )
+                        result["pretrain"] = pretrain(
+                            model,
+                            split.old_seqs,
+                            cfg.stage1.pretrain,
+                            cfg.window_max,
+                            validation,
+                            rng,
+                            report_pre,
+                        )
+                        torch.save(
+                            {
+                                "key": pre_key,
+                                "record": result["pretrain"],
+                                "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                            },
+                            out / PRETRAINED,
+                        )
                 result.update(
-                    train_stage1(
-                        model, split.old_seqs, cfg, eval_tasks, rng, report, validation=validation
-                    )
+                    train_stage1(model, split.old_seqs, cfg, eval_tasks, rng, report, validation=validation)
                 )
             elif stage == 2:
                 result = train_stage2(model, split.old_seqs, cfg, eval_tasks, rng, report)
@@ -250,6 +279,17 @@ def train(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _pretrained(key: str, folders: tuple[Path, ...]) -> dict | None:
+    """A stage-1a result with this key from the first of `folders` that has one."""
+    for folder in folders:
+        path = Path(folder) / PRETRAINED
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                return {**saved, "from": str(folder)}
+    return None
 
 
 def train_from_dir(

@@ -54,7 +54,9 @@ def learner_scores(model: MML, seqs: np.ndarray, chunk: int = 512) -> dict[str, 
         tables = model.item_tables()
         out: dict[str, list[np.ndarray]] = {name: [] for name in LEARNERS}
         for start in range(0, len(seqs), chunk):
-            seq = torch.as_tensor(np.asarray(seqs[start : start + chunk], dtype=np.int64), device=model.device)
+            seq = torch.as_tensor(
+                np.asarray(seqs[start : start + chunk], dtype=np.int64), device=model.device
+            )
             hidden = model.hidden(seq)
             for name in LEARNERS:
                 scores = last_hidden(hidden[name], seq > 0) @ tables[name].T

@@ -105,8 +105,15 @@ def warm_scores(
             )  # no pad columns
             hidden = {
                 name: adapted_hidden(
-                    model, name, support, seq, steps, cfg.warmup.lr, cfg.stage1.loss,
-                    table=tables[name], group=cfg.warmup.params,
+                    model,
+                    name,
+                    support,
+                    seq,
+                    steps,
+                    cfg.warmup.lr,
+                    cfg.stage1.loss,
+                    table=tables[name],
+                    group=cfg.warmup.params,
                 )  # fmt: skip
                 for name in LEARNERS
             }
@@ -141,7 +148,11 @@ def validation_summary(
             model, support_items, support_items, cfg, steps, cooc=cooc
         ):
             targets = np.asarray(valid_items[rows])
-            found = {"fused_cooc": fused, "cooc": per_learner["cooc"]} if cooc else {"fused": fused, **per_learner}
+            found = (
+                {"fused_cooc": fused, "cooc": per_learner["cooc"]}
+                if cooc
+                else {"fused": fused, **per_learner}
+            )
             for key, scores in found.items():
                 values = per_user_metrics(scores.cpu().numpy(), targets, names)
                 for n in names:
@@ -174,7 +185,9 @@ def choose_warmup(model: MML, cfg: TrainConfig, validation) -> tuple[TrainConfig
     users = np.arange(len(validation))
     tried, best = [], None
     for group, steps, lr in candidates:
-        trial = cfg.model_copy(update={"warmup": w.model_copy(update={"params": group, "steps": steps, "lr": lr})})
+        trial = cfg.model_copy(
+            update={"warmup": w.model_copy(update={"params": group, "steps": steps, "lr": lr})}
+        )
         parts = [
             average_scores(per_learner).numpy()
             for _, _, per_learner in warm_scores(model, validation.support, validation.support, trial)

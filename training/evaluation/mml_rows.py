@@ -129,7 +129,12 @@ class MMLRow(Method):
         if not _finished(run_dir, cfg, split, data.features):
             self.log(f"training {run_dir.name} ({cfg.profile} profile)")
             validation = Validation(np.asarray(data.new_support), validator.per_user)
-            train(split, data.features, run_dir, cfg, show_progress=False, validation=validation)
+            # MML and PT-FT share their stage-1a pre-training (same data, seed and settings)
+            siblings = tuple(p for p in Path(data.work_dir).glob(f"*-seed{data.seed}") if p != run_dir)
+            train(
+                split, data.features, run_dir, cfg, show_progress=False, validation=validation,
+                pretrained_from=siblings,
+            )  # fmt: skip
         self.model, self.cfg = load_model(run_dir)
         if self.name == "mml_cooc" and not self.model.has_cooc:
             raise MMLError(f"{self.name}: the {cfg.profile} profile trains no co-occurrence learner")

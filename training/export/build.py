@@ -31,10 +31,12 @@ import torch
 
 from mml.bundle import Dims, Manifest, write_manifest
 from mml.bundle_loader import (
+    COOC_FILE,
     ENCODERS_DIR,
     GRAPH_FILES,
     GRAPH_IO,
     INDEX_FILE,
+    OPTIONAL_ROLES,
     TABLES_FILE,
     TORCH_CONFIG,
     TORCH_STATE,
@@ -67,7 +69,13 @@ GRAPH_DOCS = {
     "recall": "MML learners + fusion: right-padded sequence -> fusion weights, query, bias",
     "generator": "MML cold-start item ID embedding generator, Eq. 15-17 (neighbours of Eq. 14 given)",
     "item_tower": "MML text and image item vectors of raw item features",
+    "recall_cooc": "MML learners + the fusion with the co-occurrence learner: weights, query, bias, cooc_weight",
 }
+
+
+def bundle_roles(model: MML) -> list[str]:
+    """The graph roles a model's bundle holds (recall_cooc only with the co-occurrence learner)."""
+    return [role for role in GRAPH_IO if role not in OPTIONAL_ROLES or model.has_cooc]
 
 
 def weights_hash(model: MML) -> str:
@@ -136,6 +144,7 @@ def check_parity(model: MML, bundle_dir: Path, rtol: float = PARITY_RTOL) -> dic
         "learner_text": sequence,
         "learner_image": sequence,
         "recall": sequence,
+        "recall_cooc": sequence,
         "fusion": {"hidden_id": hidden["id"], "hidden_text": hidden["text"], "hidden_image": hidden["image"], "valid": seq > 0},
         "generator": {
             "z_text": model.text[rows], "z_image": model.image[rows], "z_mask": model.image_mask[rows],
@@ -145,7 +154,7 @@ def check_parity(model: MML, bundle_dir: Path, rtol: float = PARITY_RTOL) -> dic
         "item_tower": {"text": model.text[rows], "image": model.image[rows], "image_mask": model.image_mask[rows]},
     }  # fmt: skip
     errors: dict[str, float] = {}  # max abs error relative to max(1, max |eager value|)
-    for role in GRAPH_IO:
+    for role in bundle_roles(model):
         inputs = {name: feeds[role][name] for name in GRAPH_IO[role][0]}
         expected = run_torch(modules[role], role, inputs)
         got = bundle.run(role, **{name: value.numpy() for name, value in inputs.items()})
@@ -157,6 +166,18 @@ def check_parity(model: MML, bundle_dir: Path, rtol: float = PARITY_RTOL) -> dic
     fused = (bundle.items_concat[1:] @ query.T + bias).T  # (B, N)
     eager, _ = model.scores(seq)
     errors["fused_scores"] = _relative_error(fused, eager[:, 1:].numpy())
+    if model.has_cooc:  # the served co-occurrence fusion: dense closed form + the sparse cooc term
+        from mml.cooc import fused_cooc, sparse_scores
+
+        out = bundle.run("recall_cooc", **{k: v.numpy() for k, v in sequence.items()})
+        served = (bundle.items_concat[1:] @ out["query"].T + out["bias"]).T
+        for b, history in enumerate(seq.numpy()):
+            items, values = sparse_scores(bundle.cooc, history)
+            bonus, shift = fused_cooc(values, float(out["cooc_weight"][b]), model.n_items, model.cfg.ln_eps)
+            served[b] += shift
+            served[b, items - 1] += bonus
+        eager_cooc, _ = model.fuse(model.hidden(seq), seq > 0, cooc=model.cooc_scores(seq))
+        errors["fused_cooc_scores"] = _relative_error(served, eager_cooc[:, 1:].numpy())
     worst = max(errors, key=errors.get)
     if not errors[worst] <= rtol:  # also catches NaN
         raise MMLError(
@@ -218,12 +239,14 @@ def export_model(
     model_version: str | None = None,
     overwrite: bool = False,
     check: bool = True,
+    cooc_window: int | None = None,
 ) -> Manifest:
     """Export an in-memory model to a bundle at `out_dir`.
 
     item_ids (N+1,) str with '' at row 0; popularity (N+1,) interactions in D_old; encoders_dir: the
     features stage's DIR/encoders (None: the bundle ships no encoders, e.g. a unit test);
-    dataset / training: recorded in the manifest; warmup: the warm-up settings recorded in torch/.
+    dataset / training: recorded in the manifest; warmup: the warm-up settings recorded in torch/;
+    cooc_window: the co-occurrence window the table was built with (recorded in tables/cooc.npz).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -253,7 +276,7 @@ def export_model(
             k_neighbours=cfg.n_neighbours,
         ),
         training=training or {},
-        graphs=dict(GRAPH_FILES),
+        graphs={role: GRAPH_FILES[role] for role in bundle_roles(served)},
     )
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,8 +287,16 @@ def export_model(
         write_index(staging / INDEX_FILE, served)
         modules = graph_modules(served, means, covs)
         examples = example_inputs(served)
-        for role, rel in GRAPH_FILES.items():
-            export_graph(modules[role], role, examples[role], staging / rel, GRAPH_DOCS[role])
+        for role in bundle_roles(served):
+            export_graph(modules[role], role, examples[role], staging / GRAPH_FILES[role], GRAPH_DOCS[role])
+        if served.has_cooc:
+            with open(staging / COOC_FILE, "wb") as fh:
+                np.savez(
+                    fh,
+                    items=served.cooc_items.numpy().astype(np.int32),
+                    weights=served.cooc_weights.numpy(),
+                    window=np.int64(cooc_window or 0),
+                )
         _write_torch(served, staging, warmup)
         if encoders_dir is not None:
             (staging / ENCODERS_DIR).mkdir()

@@ -109,6 +109,17 @@ def closed_form_stacked(
     return query, bias
 
 
+class FusionCoocGraph(FusionGraph):
+    """The second fusion layer (with the co-occurrence learner): its three dense weights in closed
+    form as FusionGraph, plus cooc_weight = A_c * gamma_c, the co-occurrence term's scale."""
+
+    def forward(self, hidden_id, hidden_text, hidden_image, valid):
+        weights = self.fusion.weights(hidden_id, hidden_text, hidden_image, valid)  # (B, 4)
+        users = last_hidden_stacked(torch.stack([hidden_id, hidden_text, hidden_image], dim=1), valid)
+        query, bias = closed_form_stacked(self.fusion, users, weights[:, :N_LEARNERS], self.means, self.covs)
+        return weights, query, bias, weights[:, N_LEARNERS] * self.fusion.cooc_gamma()
+
+
 class RecallGraph(nn.Module):
     """recall: the three learners and the fusion in one graph (the serving fast path)."""
 
@@ -162,6 +173,8 @@ def graph_modules(model: MML, means: torch.Tensor, covs: torch.Tensor) -> dict[s
         "generator": GeneratorGraph(model),
         "item_tower": ItemTowerGraph(model),
     }
+    if model.has_cooc:
+        modules["recall_cooc"] = RecallGraph(model, FusionCoocGraph(model.fusion_cooc, means, covs))
     return {role: module.eval() for role, module in modules.items()}
 
 
@@ -197,6 +210,7 @@ def example_inputs(model: MML, batch: int = 2) -> dict[str, dict[str, torch.Tens
             "valid": valid,
         },
         "recall": sequence,
+        "recall_cooc": sequence,
         "generator": {
             "z_text": model.text[rows],
             "z_image": model.image[rows],
@@ -212,7 +226,8 @@ def example_inputs(model: MML, batch: int = 2) -> dict[str, dict[str, torch.Tens
             "image_mask": model.image_mask[rows],
         },
     }
-    return {role: {name: inputs[role][name] for name in GRAPH_IO[role][0]} for role in GRAPH_IO}
+    roles = [role for role in GRAPH_IO if role != "recall_cooc" or model.has_cooc]
+    return {role: {name: inputs[role][name] for name in GRAPH_IO[role][0]} for role in roles}
 
 
 def export_graph(

@@ -127,4 +127,13 @@ def export_bundle(
         model_version=model_version,
         overwrite=overwrite,
         check=check,
+        cooc_window=_cooc_window(run_dir),
     )
+
+
+def _cooc_window(run_dir: Path) -> int | None:
+    """The co-occurrence window the run chose (stage 3's record in metrics.json)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("stage3", {}).get("cooc_window")
