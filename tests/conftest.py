@@ -42,17 +42,26 @@ def ml1m_features_dir(ml1m_dir: Path) -> Path:
     return ml1m_dir
 
 
+# the quick profile's recipe with budgets for tests: what is served is exercised, not how well it learns
+SMOKE = {
+    "stage1": {"pretrain": {"steps": 60, "eval_every": 30}, "steps": 4, "eval_every": 2},
+    "warmup": {"grid_steps": (0, 1), "grid_lrs": (1e-2,), "grid_params": ("theta",)},
+    "cooc": {"windows": (3,)},
+}
+
+
 @pytest.fixture(scope="session")
 def ml1m_quick_run(ml1m_features_dir: Path) -> Path:
-    """`mml train --profile quick` on the ML-1M split (~2 CPU-minutes), trained once per machine; a
-    finished run with the same settings and data is loaded, not retrained (training.run resumes)."""
+    """`mml train --profile quick` on the ML-1M split with shortened budgets (SMOKE: every stage and
+    selection runs, a few CPU-minutes), trained once per machine; a finished run with the same
+    settings and data is loaded, not retrained (training.run resumes)."""
     from training.checkpoint import stage_path
     from training.config import profile
     from training.run import train_from_dir
 
     run = CACHE / "runs" / "ml-1m-quick"
     if not stage_path(run, 3).is_file():
-        train_from_dir(ml1m_features_dir, run, profile("quick"), show_progress=False)
+        train_from_dir(ml1m_features_dir, run, profile("quick", **SMOKE), show_progress=False)
     return run
 
 
