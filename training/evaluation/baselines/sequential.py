@@ -213,8 +213,11 @@ def train_sequential(
 ):
     """Train one configuration `hp` = {loss, lr, dropout, d} with early stopping on validation
     MRR@10; returns (best net, best value, {"curve": [(step, value), ...], "best_step", "steps"})."""
+    import time
+
     import torch
 
+    start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -248,7 +251,12 @@ def train_sequential(
             if stale >= cfg.patience and step >= cfg.es_after * budget:
                 break
     net.load_state_dict(best_state)
-    return net, best_value, {"curve": curve, "best_step": best_step, "steps": step, "budget": budget}
+    seconds = round(time.perf_counter() - start, 1)
+    return (
+        net,
+        best_value,
+        {"curve": curve, "best_step": best_step, "steps": step, "budget": budget, "seconds": seconds},
+    )
 
 
 def _label(hp: dict[str, Any]) -> str:
@@ -341,6 +349,9 @@ def fit_sequential(
     info["validation"] = tried
     info["validation_best"] = value
     info["best_step"] = tried[_label(hp)]["best_step"]
+    # training time of every configuration, including runs kept from an earlier invocation (whose
+    # own `seconds` then only counts loading and scoring); absent for runs kept before this field
+    info["train_seconds"] = round(sum(run.get("seconds", 0.0) for run in tried.values()), 1)
     info["grids"] = {key: list(values) for key, values in grids(cfg).items()}
     return net, hp
 
