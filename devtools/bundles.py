@@ -7,7 +7,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-BUNDLE_SOURCES = ("model", "training/export", "mml/bundle.py", "mml/bundle_loader.py", "mml/neighbours.py")
+BUNDLE_SOURCES = (
+    "model",
+    "training/export",
+    "mml/bundle.py",
+    "mml/bundle_loader.py",
+    "mml/neighbours.py",
+    "mml/cooc.py",
+)
+COOC_WINDOW = 3  # co-occurrence window of the test bundles with the co-occurrence learner
+
+
+def _with_cooc(model, old_seqs, m: int) -> None:
+    """Install the co-occurrence table of D_old (mml.cooc.build_table, M = m) in an untrained model."""
+    from mml.cooc import build_table
+
+    table = build_table(old_seqs, model.n_items, COOC_WINDOW, m)
+    model.set_cooc(table.items, table.weights)
 
 
 def sources_digest(repo: Path) -> str:
@@ -24,10 +40,14 @@ def sources_digest(repo: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def untrained_bundle(data_dir: Path, out: Path, seed: int, model_version: str) -> Path:
+def untrained_bundle(
+    data_dir: Path, out: Path, seed: int, model_version: str, cooc_neighbours: int = 0
+) -> Path:
     """Export a randomly initialised MML over a prepared split + features (real item ids, features,
     encoders): a valid bundle in ~30 s, for tests of the serving machinery. Needs torch (the
-    training extra); the service itself never imports this. Reused when `out` already holds it."""
+    training extra); the service itself never imports this. Reused when `out` already holds it.
+    `cooc_neighbours` M > 0: with the co-occurrence learner (its table built from the split's D_old:
+    recall_cooc + tables/cooc.npz)."""
     import json
 
     from mml.bundle import read_manifest
@@ -46,8 +66,13 @@ def untrained_bundle(data_dir: Path, out: Path, seed: int, model_version: str) -
     torch.manual_seed(seed)
     features = load_features(data_dir)
     stats = json.loads((data_dir / "stats.json").read_text())
-    model = MML(ModelConfig(), stats["n_old_items"], features.text, features.image, features.image_mask)
+    config = ModelConfig(cooc_neighbours=cooc_neighbours)
+    model = MML(config, stats["n_old_items"], features.text, features.image, features.image_mask)
     old = pd.read_parquet(data_dir / "old_interactions.parquet", columns=["item_idx"])["item_idx"].to_numpy()
+    if cooc_neighbours:
+        from training.data.split import load_split
+
+        _with_cooc(model, load_split(data_dir).old_seqs, cooc_neighbours)
     export_model(
         model,
         out,
@@ -57,6 +82,7 @@ def untrained_bundle(data_dir: Path, out: Path, seed: int, model_version: str) -
         model_version=model_version,
         overwrite=True,
         dataset={"name": "ml-1m", "untrained": True},
+        cooc_window=COOC_WINDOW if cooc_neighbours else None,
     )
     return out
 
@@ -105,14 +131,19 @@ def synthetic_encoders(out: Path) -> Path:
     return out
 
 
-def synthetic_bundle(out: Path, seed: int = 0, model_version: str | None = None) -> Path:
+def synthetic_bundle(
+    out: Path, seed: int = 0, model_version: str | None = None, cooc_neighbours: int = 0
+) -> Path:
     """A bundle over training.synthetic's catalogue (200 items, ids "1".."200", 180 old): an untrained
-    MML and the real encoders, so every route runs without the MovieLens mirror. Cached in `out`."""
+    MML and the real encoders, so every route runs without the MovieLens mirror. Cached in `out`.
+    `cooc_neighbours` M > 0: with the co-occurrence learner (table from the synthetic D_old)."""
     import json
 
     from mml.bundle import read_manifest
 
-    version = model_version or f"synthetic-{seed}-{sources_digest(Path(__file__).resolve().parents[1])}"
+    digest = sources_digest(Path(__file__).resolve().parents[1])
+    cooc = f"-cooc{cooc_neighbours}" if cooc_neighbours else ""
+    version = model_version or f"synthetic-{seed}{cooc}-{digest}"
     if (out / "manifest.json").is_file() and read_manifest(out).model_version == version:
         return out
     import torch
@@ -126,7 +157,10 @@ def synthetic_bundle(out: Path, seed: int = 0, model_version: str | None = None)
     encoders = synthetic_encoders(out.parent / "synthetic-encoders")
     split, features = synthetic(n_items=200, n_old_items=180, n_old_users=60, seed=seed)
     torch.manual_seed(seed)
-    model = MML(ModelConfig(), split.n_old_items, features.text, features.image, features.image_mask)
+    config = ModelConfig(cooc_neighbours=cooc_neighbours)
+    model = MML(config, split.n_old_items, features.text, features.image, features.image_mask)
+    if cooc_neighbours:
+        _with_cooc(model, split.old_seqs, cooc_neighbours)
     export_model(
         model,
         out,
@@ -141,5 +175,6 @@ def synthetic_bundle(out: Path, seed: int = 0, model_version: str | None = None)
             "seed": seed,
             "stats": json.loads(json.dumps(split.stats)),
         },
+        cooc_window=COOC_WINDOW if cooc_neighbours else None,
     )
     return out

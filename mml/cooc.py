@@ -19,9 +19,12 @@ entries alone (`moments`), so the service standardises exactly without densifyin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
+
+if TYPE_CHECKING:
+    from scipy import sparse  # imported where the table is built: the service reads it without scipy
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class CoocTable:
 
 def counts(old_seqs: list[np.ndarray], n_items: int, window: int) -> sparse.csr_matrix:
     """(N+1, N+1) symmetric co-occurrence counts within `window` positions, zero diagonal."""
+    from scipy import sparse
+
     if window < 1:
         raise ValueError(f"cooc window must be >= 1, got {window}")
     rows, cols = [], []
@@ -64,6 +69,8 @@ def build_table(old_seqs: list[np.ndarray], n_items: int, window: int, m: int) -
     """The top-`m` neighbour table of the catalogue (items 1..n_items) from the sequences."""
     if m < 1:
         raise ValueError(f"cooc neighbours M must be >= 1, got {m}")
+    from scipy import sparse
+
     size = n_items + 1
     flat = np.concatenate(old_seqs) if old_seqs else np.zeros(0, np.int64)
     occ = np.bincount(flat, minlength=size)[:size].astype(np.float64)

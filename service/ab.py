@@ -8,10 +8,12 @@ Config file (YAML or JSON; `MML_ARMS_CONFIG` / `mml serve --arms`):
         kind: popularity                # most popular items (from the arm's bundle), history excluded
         weight: 0.5
       - name: mml
-        kind: mml                       # the MML model
+        kind: mml                       # the MML model (mml_cooc: fused with the co-occurrence
+                                        # learner; needs a bundle with recall_cooc + tables/cooc.npz)
         bundle: ../bundles/v7           # relative to this file; absent: the service's default bundle
         weight: 0.5
-        adapt_steps: 0                  # meta-test warm-up steps per request (0: ONNX Runtime only)
+        adapt_steps: 0                  # meta-test warm-up steps per request (0: ONNX Runtime only;
+                                        # kind mml only)
 
 Assignment: bucket = MurmurHash3_x86_32(salt + ":" + user_id, seed 0, unsigned) mod 10,000; arms own
 consecutive bucket ranges sized by their normalised weights, in file order. The same user gets the
@@ -54,7 +56,7 @@ class ArmConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str
-    kind: Literal["mml", "popularity"] = "mml"
+    kind: Literal["mml", "mml_cooc", "popularity"] = "mml"
     weight: float = Field(1.0, ge=0)  # relative share of users; 0 = reachable only by override
     bundle: Path | None = None  # None: the service's default bundle (MML_BUNDLE)
     adapt_steps: int = Field(0, ge=0, le=50)  # meta-test warm-up gradient steps per request
@@ -65,6 +67,14 @@ class ArmConfig(BaseModel):
         if not ARM_NAME.match(value):
             raise ValueError("arm names are 1-64 characters of letters, digits, '_', '.', '-'")
         return value
+
+    @model_validator(mode="after")
+    def _adapt_only_mml(self) -> ArmConfig:
+        # meta-test warm-up adapts the three learners of recall.onnx (service/adapt.py); the
+        # co-occurrence fusion of mml_cooc has no adapting counterpart
+        if self.adapt_steps > 0 and self.kind != "mml":
+            raise ValueError(f"arm '{self.name}': adapt_steps > 0 is for kind mml only, not {self.kind}")
+        return self
 
 
 class ArmsConfig(BaseModel):

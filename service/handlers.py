@@ -144,9 +144,10 @@ class RecallService:
 
     @staticmethod
     def _encoding_arm(deployment: Deployment) -> str:
-        """New items are encoded with the encoders of the first `mml` arm's bundle (the default arm)."""
+        """New items are encoded with the encoders of the first model arm's bundle (`mml` or
+        `mml_cooc`; the default arm)."""
         for name, arm in deployment.arms.items():
-            if arm.kind == "mml":
+            if arm.kind in ("mml", "mml_cooc"):
                 return name
         return next(iter(deployment.arms))
 

@@ -30,7 +30,7 @@ from service.ab import ArmsConfig, Assigner, load_arms
 from service.config import ServiceSettings
 from service.errors import ApiError, invalid
 from service.items import ItemRegistry
-from service.recall import ArmRoute, mml_chain, popularity_chain
+from service.recall import ArmRoute, mml_chain, mml_cooc_chain, popularity_chain
 from service.runtime import Runtime
 from service.snapshot import BundleState, ServingSnapshot
 from service.store import Store
@@ -79,6 +79,14 @@ def build_deployment(
         runtime = bundles[path].runtime
         if arm.kind == "popularity":
             version, chain = f"popularity@{runtime.model_version}", popularity_chain(store)
+        elif arm.kind == "mml_cooc":
+            if not runtime.has_cooc:  # refused at start-up, and by a reload (409, the old bundle stays)
+                raise MMLError(
+                    f"arm '{arm.name}': kind mml_cooc needs a bundle with the co-occurrence learner "
+                    f"(graph recall_cooc and tables/cooc.npz); {path} ({runtime.model_version}) has "
+                    "neither: export a model trained with model.cooc_neighbours > 0, or use kind mml"
+                )
+            version, chain = runtime.model_version, mml_cooc_chain(store)
         elif arm.adapt_steps > 0:
             try:
                 from service.adapt import AdaptingModel  # torch: only for arms that ask for it

@@ -41,7 +41,8 @@ STAGE_SECONDS = Histogram(
     "mml_recall_stage_seconds",
     "Time per stage of POST /recall (service/recall.py): history (stored history read), encode "
     "(ids -> model inputs), model (ONNX graph), topk (scoring catalogue + new items, the k best), "
-    "rank (merging candidate lists).",
+    "cooc (mml_cooc arms: the history's co-occurrence neighbours re-scored), rank (merging "
+    "candidate lists).",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )

@@ -6,15 +6,19 @@
               ignored, the exclusions; the most recent max_len as the model's
               right-padded inputs (new items with their generated embeddings)
     model     recall.onnx -> query (3d) + bias of the fused score               Model (adapt.AdaptingModel)
+              (mml_cooc arms: recall_cooc.onnx, + the co-occurrence weight)     CoocModel
     topk      dense candidates: fused scores of catalogue + new items, k best   DenseCandidates (Popular)
+    cooc      mml_cooc arms: the history's co-occurrence neighbours re-scored   CoocCandidates
+              with both parts of the fused score, k best
     rank      candidate lists merged, exclusions applied, the k best            Rank
     answer    response body, exposure record, metrics, Server-Timing            RecallRunner
 
 Each stage is an object with a `name` (its `Server-Timing` entry and `mml_recall_stage_seconds`
 label) and `__call__(ctx)`, reading and writing the typed fields of one `RecallContext` (each
 stage's docstring says which). An arm's chain is a tuple of stages (`mml_chain`,
-`popularity_chain`). A new source of candidates is one more stage that appends its list to
-`ctx.candidates` before `Rank`, e.g. co-occurrence neighbours between `DenseCandidates` and `Rank`.
+`mml_cooc_chain`, `popularity_chain`). A new source of candidates is one more stage that appends
+its list to `ctx.candidates` before `Rank`, as `CoocCandidates` does between `DenseCandidates` and
+`Rank`.
 
 Stages only compute: the runner alone times them, records the metrics, the exposure and the
 `Server-Timing` header, once per request. A request reads one `ServingSnapshot` (service/snapshot.py)
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from mml.cooc import fused_cooc, sparse_scores
 from service import metrics
 from service.ab import ExposureLog, exposure_record
 from service.config import ServiceSettings
@@ -39,11 +44,13 @@ from service.runtime import SequenceInputs
 from service.schemas import RecallRequest, RecallResponse
 from service.snapshot import ServingSnapshot
 from service.store import Store, StoreUnavailable
+from service.topk import top_k
 
 if TYPE_CHECKING:
     from service.lifecycle import Deployment
 
 Scored = list[tuple[str, float]]  # (item_id, fused score), best first
+COOC_EPS = 1e-12  # the fusion's standardisation epsilon (model.config ln_eps), as in check_parity
 
 
 @dataclass(slots=True)
@@ -63,6 +70,8 @@ class RecallContext:
     inputs: SequenceInputs | None = None  # encode: the model's right-padded inputs
     query: np.ndarray | None = None  # model: (3d,)
     bias: float = 0.0  # model
+    cooc_weight: float = 0.0  # model (mml_cooc): the co-occurrence learner's weight A_c * gamma_c >= 0
+    score_shift: float = 0.0  # cooc: the co-occurrence term every item holds; rank adds it to each score
     candidates: list[Scored] = field(default_factory=list)  # candidate stages: one list per source
     items: Scored = field(default_factory=list)  # rank: the answer
 
@@ -164,6 +173,20 @@ class Model:
         ctx.query, ctx.bias = query[0], float(bias[0])
 
 
+class CoocModel:
+    """The `mml_cooc` arms' model stage: ctx.inputs -> ctx.query, ctx.bias (the dense part of the
+    fused score with the co-occurrence learner) and ctx.cooc_weight through recall_cooc.onnx
+    (skipped on fallback)."""
+
+    name = "model"
+
+    def __call__(self, ctx: RecallContext) -> None:
+        if ctx.fallback:
+            return
+        query, bias, weight = ctx.snapshot.runtime.query_cooc(ctx.inputs)
+        ctx.query, ctx.bias, ctx.cooc_weight = query[0], float(bias[0]), float(weight[0])
+
+
 class DenseCandidates:
     """ctx.query/bias -> the k best of catalogue + new items by fused score, exclusions applied (the
     snapshot's exact or IVF top-k); on fallback the popularity ranking. Appends to ctx.candidates."""
@@ -178,6 +201,47 @@ class DenseCandidates:
             ctx.candidates.append(
                 snap.topk(ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snap.new_items)
             )
+
+
+class CoocCandidates:
+    """The co-occurrence learner's candidates (mml_cooc arms), after DenseCandidates: ctx.known ->
+    the history's non-zero co-occurrence scores (mml.cooc.sparse_scores over the bundle's top-M
+    neighbour table) -> (bonus, shift) = mml.cooc.fused_cooc -> each neighbour's fused score
+    items_concat[row] . query + bias + bonus, excluded rows dropped, the k best appended to
+    ctx.candidates; ctx.score_shift = shift (skipped on fallback).
+
+    Exact with the dense top-k (mml.cooc.merge_topk's argument): bonus >= 0 and every item outside
+    the neighbour lists has bonus 0, so it scores at most the k-th dense score, and Rank's merge
+    (an item's best score) of the two lists is the fused top-k. Only the k best neighbours can reach
+    it, so the list is cut to k. The shift is the same for every item (catalogue and registered):
+    adding it keeps the order and makes the answer's scores the fused scores. Cost O(history x M)
+    (M = the table's width), never O(catalogue)."""
+
+    name = "cooc"
+
+    def __call__(self, ctx: RecallContext) -> None:
+        if ctx.fallback:
+            return
+        rt, k = ctx.snapshot.runtime, ctx.request.k
+        table = rt.cooc
+        # the model's positions, oldest first: a registered new item is a row beyond the table (a
+        # position of the recency weights, no co-occurrence: none until retraining puts it in D_old)
+        beyond = table.n_items + 1
+        history = np.fromiter((r if r >= 0 else beyond for r, _ in ctx.known), np.int64, len(ctx.known))
+        rows, scores = sparse_scores(table, history)
+        bonus, shift = fused_cooc(scores, ctx.cooc_weight, table.n_items, COOC_EPS)
+        ctx.score_shift = float(shift)
+        if ctx.excluded_rows and len(rows):
+            keep = ~np.isin(rows, np.asarray(ctx.excluded_rows, np.int64))
+            rows, bonus = rows[keep], bonus[keep]
+        if not len(rows):
+            return
+        fused = rt.items_concat[rows] @ ctx.query + np.float32(ctx.bias) + bonus
+        best = top_k(fused, k)
+        ids = rt.item_id_list
+        ctx.candidates.append(
+            [(ids[r], s) for r, s in zip(rows[best].tolist(), fused[best].tolist(), strict=True)]
+        )
 
 
 class Popular:
@@ -195,7 +259,8 @@ class Popular:
 
 class Rank:
     """ctx.candidates -> ctx.items: one list is taken as it is (already excluded and sorted); several
-    are merged (an item's best score), the history/exclude_ids dropped, sorted, cut to k."""
+    are merged (an item's best score), the history/exclude_ids dropped, sorted, cut to k. A
+    ctx.score_shift (mml_cooc) is added to every score: the same for all, it keeps the order."""
 
     name = "rank"
 
@@ -203,7 +268,14 @@ class Rank:
         k = ctx.request.k
         if len(ctx.candidates) == 1:
             ctx.items = ctx.candidates[0][:k]
-            return
+        else:
+            ctx.items = self._merge(ctx, k)
+        if ctx.score_shift:
+            shift = ctx.score_shift
+            ctx.items = [(item_id, score + shift) for item_id, score in ctx.items]
+
+    @staticmethod
+    def _merge(ctx: RecallContext, k: int) -> Scored:
         excluded = set(ctx.request.exclude_ids or ())
         if ctx.request.exclude_history:
             excluded.update(ctx.history)
@@ -212,7 +284,7 @@ class Rank:
             for item_id, score in source:
                 if item_id not in excluded and score > best.get(item_id, -np.inf):
                     best[item_id] = score
-        ctx.items = sorted(best.items(), key=lambda pair: -pair[1])[:k]
+        return sorted(best.items(), key=lambda pair: -pair[1])[:k]
 
 
 def mml_chain(store: Store, model: Stage | None = None) -> tuple[Stage, ...]:
@@ -220,6 +292,12 @@ def mml_chain(store: Store, model: Stage | None = None) -> tuple[Stage, ...]:
     if model is None:
         return (ReadHistory(store), Encode(), Model(), DenseCandidates(), Rank())
     return (ReadHistory(store), Encode(sequences=False), model, DenseCandidates(), Rank())
+
+
+def mml_cooc_chain(store: Store) -> tuple[Stage, ...]:
+    """The `mml_cooc` arm: the MML learners fused with the co-occurrence learner (a bundle with
+    recall_cooc and tables/cooc.npz)."""
+    return (ReadHistory(store), Encode(), CoocModel(), DenseCandidates(), CoocCandidates(), Rank())
 
 
 def popularity_chain(store: Store) -> tuple[Stage, ...]:
@@ -242,7 +320,7 @@ class ArmRoute:
     """One arm as requests see it: its chain over the snapshot of its bundle."""
 
     name: str
-    kind: str  # "mml" or "popularity"
+    kind: str  # "mml", "mml_cooc" or "popularity"
     bundle: Path  # key of the deployment's snapshots
     model_version: str
     adapt_steps: int
@@ -348,4 +426,12 @@ def count_refused(status: int) -> None:
     metrics.REQUESTS.labels(arm="none", status=str(status)).inc()
 
 
-__all__ = ["RecallContext", "RecallRunner", "Stage", "mml_chain", "popularity_chain", "run_chain"]
+__all__ = [
+    "RecallContext",
+    "RecallRunner",
+    "Stage",
+    "mml_chain",
+    "mml_cooc_chain",
+    "popularity_chain",
+    "run_chain",
+]

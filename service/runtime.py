@@ -31,6 +31,7 @@ from mml.bundle_loader import ENCODERS_DIR, LoadedBundle, load_bundle
 from mml.errors import BundleError
 
 SERVING_GRAPHS = ("recall", "generator", "item_tower")  # what serving opens (the split graphs stay unread)
+COOC_GRAPH = "recall_cooc"  # opened too when the bundle has the co-occurrence learner (`mml_cooc` arms)
 LENGTH_BUCKET = 8  # dynamic-length graphs: histories are padded to a multiple of this (or max_len)
 
 
@@ -78,6 +79,7 @@ class Runtime:
         self.image_mask = t["image_mask"]
         self.popularity = t["popularity"]
         self.items_concat = bundle.items_concat  # score = items_concat[i] . query + bias
+        self.cooc = bundle.cooc  # mml.cooc.CoocTable, None without the co-occurrence learner
         self.row_of = bundle.row_of
         self.popular_rows = (np.argsort(-self.popularity[1:], kind="stable") + 1).astype(np.int64)
         dynamic = bundle.sequence_length("recall") is None
@@ -91,7 +93,13 @@ class Runtime:
     @classmethod
     def load(cls, path: str | Path) -> Runtime:
         start = time.perf_counter()
-        runtime = cls(load_bundle(Path(path), intra_op_num_threads=1, roles=SERVING_GRAPHS))
+        from mml.bundle import read_manifest
+
+        # recall_cooc is optional in the bundle contract: open it only where the manifest lists it
+        # (load_bundle verifies the manifest and refuses a recall_cooc without tables/cooc.npz)
+        listed = read_manifest(Path(path)).graphs if Path(path).is_dir() else {}
+        roles = SERVING_GRAPHS + ((COOC_GRAPH,) if COOC_GRAPH in listed else ())
+        runtime = cls(load_bundle(Path(path), intra_op_num_threads=1, roles=roles))
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query per request: threads would only contend
@@ -113,11 +121,12 @@ class Runtime:
         rows = self.popular_rows[: min(3, len(self.popular_rows))]
         for length in self.length_buckets:
             history = np.resize(rows, length)  # the popular rows repeated to the bucket length
-            self.query(
-                self.sequence_inputs(
-                    self.id_emb[history], self.text[history], self.image[history], self.image_mask[history]
-                )
+            x = self.sequence_inputs(
+                self.id_emb[history], self.text[history], self.image[history], self.image_mask[history]
             )
+            self.query(x)
+            if self.has_cooc:
+                self.query_cooc(x)
         self.generate(self.text[rows], self.image[rows], self.image_mask[rows])
         self.project(self.text[rows], self.image[rows], self.image_mask[rows])
 
@@ -158,6 +167,22 @@ class Runtime:
         """Histories -> (query (B, 3d), bias (B,)) of the fused score, through recall.onnx."""
         out = self.bundle.run("recall", **x.feeds())
         return out["query"], np.asarray(out["bias"], np.float32).reshape(-1)
+
+    @property
+    def has_cooc(self) -> bool:
+        """The bundle has the co-occurrence learner: the recall_cooc graph and tables/cooc.npz."""
+        return self.cooc is not None and COOC_GRAPH in self.bundle.sessions
+
+    def query_cooc(self, x: SequenceInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Histories -> (query (B, 3d), bias (B,), cooc_weight (B,)) through recall_cooc.onnx: the
+        dense part of the fused score with the co-occurrence learner, and that learner's weight
+        (fused score = items_concat[i] . query + bias + mml.cooc.fused_cooc's bonus_i + shift)."""
+        out = self.bundle.run(COOC_GRAPH, **x.feeds())
+        return (
+            out["query"],
+            np.asarray(out["bias"], np.float32).reshape(-1),
+            np.asarray(out["cooc_weight"], np.float32).reshape(-1),
+        )
 
     def generate(self, text: np.ndarray, image: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
         """New items' features (B, ...) -> generated ID embeddings (B, d): the K most similar old

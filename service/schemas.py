@@ -96,7 +96,7 @@ class EventOut(BaseModel):
 
 class ArmInfo(BaseModel):
     name: str
-    kind: str  # "mml" or "popularity"
+    kind: str  # "mml", "mml_cooc" or "popularity"
     weight: float
     model_version: str
     bundle: str

@@ -87,3 +87,20 @@ def service_bundles(ml1m_features_dir: Path) -> tuple[Path, Path]:
     a = untrained_bundle(ml1m_features_dir, bundles / "a", seed=0, model_version=f"untrained-a-{digest}")
     b = untrained_bundle(ml1m_features_dir, bundles / "b", seed=1, model_version=f"untrained-b-{digest}")
     return a, b
+
+
+@pytest.fixture(scope="session")
+def service_cooc_bundle(ml1m_features_dir: Path) -> Path:
+    """A serving bundle of an untrained MML with the co-occurrence learner (M = 100 neighbours, the
+    quick profile's model.cooc_neighbours; the table built from the split's D_old): recall_cooc and
+    tables/cooc.npz over the ML-1M catalogue, for the `mml_cooc` arm's tests."""
+    from devtools.bundles import sources_digest, untrained_bundle
+
+    digest = sources_digest(REPO)
+    return untrained_bundle(
+        ml1m_features_dir,
+        CACHE / "service-bundles" / "cooc",
+        seed=0,
+        model_version=f"untrained-cooc-{digest}",
+        cooc_neighbours=100,
+    )
