@@ -219,6 +219,7 @@ def run_replay(config: ReplayConfig) -> dict:
             "model_version": manifest.model_version,
             "profile": manifest.training.get("profile"),
             "validation": manifest.training.get("metrics", {}).get("validation"),
+            "config": manifest.training.get("config"),  # the recipe the bundle was trained with
         },
         "arms": arms.model_dump(mode="json"),
         "replay": {
