@@ -177,7 +177,7 @@ def test_registered_new_item_competes_through_the_dense_part(snapshot):
     """Only a registered item in the history: no co-occurrence (beyond the table), the dense answer
     holds; a registered item is a candidate with shift added, like every catalogue item."""
     store = MemoryStore()
-    req = RecallRequest(user_id="u", history=[NEW], k=rt_items(snapshot), exclude_history=False)
+    req = everything(snapshot, history=[NEW], exclude_history=False)
     ctx = run_chain(mml_cooc_chain(store), snapshot, req)
     assert not ctx.fallback and ctx.warmed_up == [NEW] and len(ctx.candidates) == 1
     ids, scores = brute_force(snapshot, req)
@@ -185,16 +185,17 @@ def test_registered_new_item_competes_through_the_dense_part(snapshot):
     assert NEW in {i for i, _ in ctx.items}
     # with co-occurrence: the new item is still ranked by its dense score plus the shift
     history = _walk(snapshot.runtime, np.random.default_rng(1), 6)
-    req = RecallRequest(user_id="u", history=history, k=rt_items(snapshot))
+    req = everything(snapshot, history=history)
     ctx = run_chain(mml_cooc_chain(store), snapshot, req)
     ids, scores = brute_force(snapshot, req)
     assert_exact(ctx.items, ids, scores, req.k)
     assert NEW in {i for i, _ in ctx.items}
 
 
-def rt_items(snap: ServingSnapshot) -> int:
-    """k covering every candidate (1000 at most, the API's limit)."""
-    return min(1000, snap.runtime.dims.n_items + len(snap.new_items))
+def everything(snap: ServingSnapshot, **fields) -> RecallRequest:
+    """A request whose k covers every candidate (above the API's 1000: constructed, not validated)."""
+    k = snap.runtime.dims.n_items + len(snap.new_items)
+    return RecallRequest.model_construct(**{"user_id": "u", "k": k, "exclude_history": True, **fields})
 
 
 @pytest.mark.parametrize("history", [[], ["not-an-item"], ["nope", "never"]])
