@@ -121,11 +121,17 @@ def sparse_scores(table: CoocTable, history: np.ndarray) -> tuple[np.ndarray, np
     history, recency = history[known], recency[known]
     if not len(history):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    w = recency[:, None] * table.weights[history]
-    items, inverse = np.unique(table.items[history].ravel(), return_inverse=True)
-    scores = np.bincount(inverse, weights=w.ravel(), minlength=len(items)).astype(np.float32)
+    w = (recency[:, None] * table.weights[history]).ravel()
+    # per-item sums by a stable sort + reduceat: the same float64 sums in the same order as
+    # np.unique + np.bincount, about twice as fast at 50 x 100 entries (the service's request path)
+    flat = table.items[history].ravel()
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    items = ordered[starts]
+    scores = np.add.reduceat(w[order].astype(np.float64), starts).astype(np.float32)
     keep = (items > 0) & (scores > 0)
-    return items[keep], scores[keep]
+    return items[keep], scores[keep]  # items ascending
 
 
 def moments(scores: np.ndarray, n_items: int) -> tuple[float, float]:

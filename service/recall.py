@@ -231,12 +231,15 @@ class CoocCandidates:
         rows, scores = sparse_scores(table, history)
         bonus, shift = fused_cooc(scores, ctx.cooc_weight, table.n_items, COOC_EPS)
         ctx.score_shift = float(shift)
-        if ctx.excluded_rows and len(rows):
-            keep = ~np.isin(rows, np.asarray(ctx.excluded_rows, np.int64))
+        if ctx.excluded_rows and len(rows):  # rows are ascending: a binary search per excluded row
+            excluded = np.asarray(ctx.excluded_rows, np.int64)
+            at = np.minimum(np.searchsorted(rows, excluded), len(rows) - 1)
+            keep = np.ones(len(rows), bool)
+            keep[at[rows[at] == excluded]] = False
             rows, bonus = rows[keep], bonus[keep]
         if not len(rows):
             return
-        fused = rt.items_concat[rows] @ ctx.query + np.float32(ctx.bias) + bonus
+        fused = np.take(rt.items_concat, rows, axis=0) @ ctx.query + np.float32(ctx.bias) + bonus
         best = top_k(fused, k)
         ids = rt.item_id_list
         ctx.candidates.append(
