@@ -11,15 +11,13 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
 from devtools.bundles import sources_digest
 from devtools.harness import ProcSample, RedisServer, Server, Timer, free_port, proc_sample, wait_port
+from devtools.load import Answer, ThreadedLoad
 from mml.errors import MMLError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +26,14 @@ DATA = REPO / ".cache" / "test-artifacts" / "ml-1m"  # the split + features the 
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
 WORK = REPO / ".cache" / "reliability"  # servers' logs, corrupted bundle copies (git-ignored)
 
-__all__ = ["ProcSample", "RedisServer", "Server", "Timer", "proc_sample"]  # the dev harness's, re-exported
+__all__ = [
+    "Answer",
+    "ProcSample",
+    "RedisServer",
+    "Server",
+    "Timer",
+    "proc_sample",
+]  # the dev harness's, re-exported
 
 
 # --- test bundles ---------------------------------------------------------------------------------
@@ -138,21 +143,9 @@ class ProxyProcess:
             self.process = None
 
 
-# --- load -----------------------------------------------------------------------------------------
+# --- load: the dev harness's threaded generator with the reliability scripts' request mix ----------
 
 CATALOGUE_IDS = [str(i) for i in range(1, 3953)]  # ML-1M's movie id range (a few are unknown: ignored)
-
-
-@dataclass
-class Answer:
-    t: float  # seconds since the load started, when the request was sent
-    route: str  # "recall", "recall-stored" (no history in the request), "events"
-    status: int  # 0: no HTTP answer (connection refused / reset / timeout)
-    latency_s: float
-    degraded: bool = False
-    fallback: bool = False
-    model_version: str = ""
-    error: str = ""
 
 
 @dataclass
@@ -164,105 +157,24 @@ class Mix:
     users: int = 500  # user ids drawn from a bounded pool: state in Redis stays bounded
     max_history: int = 20
 
-
-class Load:
-    """`threads` client threads sending `rate` requests/s in total (each paced to its share; a
-    thread behind schedule sends at once), for at most `duration_s`, or until stop()."""
-
-    def __init__(
-        self,
-        url: str,
-        rate: float,
-        duration_s: float,
-        *,
-        threads: int = 4,
-        mix: Mix | None = None,
-        seed: int = 0,
-        timeout_s: float = 10.0,
-    ) -> None:
-        self.url, self.rate, self.duration_s, self.timeout_s = url, rate, duration_s, timeout_s
-        self.mix = mix or Mix()
-        self.answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(random.Random(seed * 1000 + i), threads), daemon=True)
-            for i in range(threads)
-        ]
-        self.start_time = 0.0
-
-    def _request(self, rng: random.Random) -> tuple[str, str, dict]:
-        m = self.mix
-        user = f"u{rng.randrange(m.users)}"
+    def __call__(self, rng: random.Random) -> tuple[str, str, dict]:
+        user = f"u{rng.randrange(self.users)}"
         x = rng.random()
-        if x < m.events:
+        if x < self.events:
             return "events", "/events", {"user_id": user, "item_id": rng.choice(CATALOGUE_IDS)}
-        if x < m.events + m.stored_history:
+        if x < self.events + self.stored_history:
             return "recall-stored", "/recall", {"user_id": user, "k": 20}
-        history = rng.sample(CATALOGUE_IDS, rng.randint(1, m.max_history))
+        history = rng.sample(CATALOGUE_IDS, rng.randint(1, self.max_history))
         return "recall", "/recall", {"user_id": user, "history": history, "k": 20}
 
-    def _run(self, rng: random.Random, threads: int) -> None:
-        interval = threads / self.rate
-        next_at = time.monotonic() + rng.random() * interval
-        end = self.start_time + self.duration_s
-        with httpx.Client(base_url=self.url, timeout=self.timeout_s) as client:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= end:
-                    return
-                if next_at > now:
-                    self._stop.wait(next_at - now)
-                    continue
-                next_at += interval
-                route, path, body = self._request(rng)
-                sent = time.monotonic()
-                answer = Answer(sent - self.start_time, route, 0, 0.0)
-                try:
-                    r = client.post(path, json=body)
-                    answer.status = r.status_code
-                    if r.status_code == 200 and path == "/recall":
-                        payload = r.json()
-                        answer.degraded = payload["degraded"]
-                        answer.fallback = payload["fallback"]
-                        answer.model_version = payload["model_version"]
-                    elif r.status_code >= 400:
-                        answer.error = r.text[:300]
-                except httpx.HTTPError as exc:
-                    answer.error = repr(exc)[:300]
-                answer.latency_s = time.monotonic() - sent
-                with self._lock:
-                    self.answers.append(answer)
 
-    def start(self) -> Load:
-        self.start_time = time.monotonic()
-        for t in self._threads:
-            t.start()
-        return self
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start_time
-
-    def stop(self) -> list[Answer]:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=self.timeout_s + 5)
-        return self.snapshot()
-
-    def join(self) -> list[Answer]:
-        for t in self._threads:
-            t.join(timeout=self.duration_s + self.timeout_s + 5)
-        return self.stop()
-
-    def snapshot(self) -> list[Answer]:
-        with self._lock:
-            return sorted(self.answers, key=lambda a: a.t)
-
-    def __enter__(self) -> Load:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def Load(  # noqa: N802 (reads as the class it builds)
+    url: str, rate: float, duration_s: float, *, threads: int = 4, mix: Mix | None = None, seed: int = 0,
+    timeout_s: float = 10.0,
+) -> ThreadedLoad:  # fmt: skip
+    """`threads` client threads sending `rate` requests/s of `mix` in total, for at most `duration_s`."""
+    return ThreadedLoad(url, mix or Mix(), rate=rate, duration_s=duration_s, threads=threads, seed=seed,
+                        timeout_s=timeout_s)  # fmt: skip
 
 
 def is_failure(a: Answer) -> bool:

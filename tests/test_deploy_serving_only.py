@@ -65,7 +65,9 @@ def test_mml_serve_runs_from_the_serving_packages_alone(bundle, mirror, tmp_path
             item = {"title": "Serving Only", "image_base64": base64.b64encode(poster).decode()}
             put = c.put("/items/serving-only", json=item, headers={"Authorization": "Bearer t"})
             assert put.status_code == 201, put.text
-            got = c.post("/recall", json={"user_id": "u", "history": ["1193", "serving-only"], "k": 10}).json()
+            got = c.post(
+                "/recall", json={"user_id": "u", "history": ["1193", "serving-only"], "k": 10}
+            ).json()
             assert got["warmed_up"] == ["serving-only"]
     finally:
         stop_process(proc, 30)

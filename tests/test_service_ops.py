@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from devtools.harness import ThreadedServer, free_port, redis_server, serve_process, wait_ready
+from devtools.load import ThreadedLoad, cycle
 from mml.bundle import read_manifest
 from service.ab import Assigner, load_arms
 from service.app import create_app
@@ -42,52 +42,9 @@ def version(path: Path) -> str:
     return read_manifest(path).model_version
 
 
-class Traffic:
-    """Client threads posting /recall until stopped; every answer's status is recorded."""
-
-    def __init__(self, url: str, bodies: list[dict], threads: int = 3) -> None:
-        self.url, self.bodies = url, bodies
-        self.answers: list[tuple[int, dict | str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, offset: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            i = offset
-            while not self._stop.is_set():
-                try:
-                    r = client.post("/recall", json=self.bodies[i % len(self.bodies)])
-                    answer = (r.status_code, r.json() if r.status_code == 200 else r.text)
-                except httpx.HTTPError as exc:  # a dropped connection is a failure too
-                    answer = (0, repr(exc))
-                with self._lock:
-                    self.answers.append(answer)
-                i += 1
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.answers)
-
-    def wait_for(self, n: int, timeout: float = 60) -> None:
-        target = self.count() + n
-        deadline = time.monotonic() + timeout
-        while self.count() < target:
-            assert time.monotonic() < deadline, "traffic stalled"
-            time.sleep(0.01)
-
-    def failures(self) -> list:
-        return [a for a in self.answers if a[0] != 200]
+def Traffic(url: str, bodies: list[dict], threads: int = 3) -> ThreadedLoad:  # noqa: N802
+    """Client threads posting these /recall bodies back to back; every answer recorded."""
+    return ThreadedLoad(url, cycle(bodies), threads=threads, timeout_s=30)
 
 
 def test_ab_arms_assignment_override_exposures_and_srm(bundles, tmp_path):
@@ -176,7 +133,7 @@ def test_reload_under_concurrent_requests(bundles, tmp_path):
         assert c.get("/v1/models").json()["arms"][0]["model_version"] == version(b)  # the old one kept
     shutil.rmtree(broken)
     assert traffic.failures() == []
-    versions = {body["model_version"] for _, body in traffic.answers}
+    versions = {answer.model_version for answer in traffic.answers}
     assert versions == {version(a), version(b)}
 
 
@@ -218,11 +175,11 @@ def test_redis_stopped_and_restarted_mid_traffic(bundles, mirror, tmp_path):
                 deadline = time.monotonic() + 20
                 while True:  # recovers by itself: answers stop being degraded
                     traffic.wait_for(10)
-                    if not any(body["degraded"] for _, body in traffic.answers[-6:]):
+                    if not any(answer.degraded for answer in traffic.answers[-6:]):
                         break
                     assert time.monotonic() < deadline, "the service did not recover from the Redis restart"
             assert traffic.failures() == []
-            during = [(i, body) for i, (_, body) in enumerate(traffic.answers[:down]) if body["degraded"]]
+            during = [(i, a.body) for i, a in enumerate(traffic.answers[:down]) if a.degraded]
             assert during, "no request noticed that Redis was down"
             in_flight = stopped + len(traffic._threads)  # may have read the history before the stop
             for i, body in during:
@@ -231,7 +188,7 @@ def test_redis_stopped_and_restarted_mid_traffic(bundles, mirror, tmp_path):
                     assert body["fallback"] or i < in_flight, (i, stopped)
                 else:
                     assert body["warmed_up"] == ["toy-9"]  # the new item, from the local cache
-            last = {body["user_id"]: body for _, body in traffic.answers[-6:]}
+            last = {a.body["user_id"]: a.body for a in traffic.answers[-6:]}
             assert not last["stored"]["fallback"] and last["explicit"]["warmed_up"] == ["toy-9"]
             assert _metric(c, "mml_redis_errors_total") > errors_before
             assert c.get("/readyz").json()["store_available"] is True
@@ -342,7 +299,7 @@ def test_real_server_admin_reload_reaches_every_worker_without_failed_requests(b
             assert pids == before  # reloaded in place: no worker was restarted
             traffic.wait_for(20)
         assert traffic.failures() == []
-        assert {body["model_version"] for _, body in traffic.answers} == {version(a), version(b)}
+        assert {answer.model_version for answer in traffic.answers} == {version(a), version(b)}
         # a bundle that fails verification is refused by the receiving worker: nobody is replaced
         refused = httpx.post(f"{url}/admin/reload", json={"path": str(tmp_path / "nowhere")}, headers=AUTH)
         assert refused.status_code == 409
