@@ -141,6 +141,11 @@ def test_recipe_end_to_end_with_warmup_grid_and_cooc(data, tmp_path):
     assert set(metrics["stage3"]["cooc_windows"]) == {"1", "2"}
     for name in ("id", "text", "image"):
         assert metrics["stage1"]["selection"]["best"][name] >= metrics["stage1"]["pretrain"]["best"][name]
+    # each fusion layer ends at least as good on the validation item as its best single learner
+    fusion = metrics["stage3"]["selection"]
+    for layer in ("fusion", "fusion_cooc"):
+        assert fusion["best"][layer] >= max(fusion["start"][layer].values()) - 1e-12, layer
+    assert set(fusion["start"]["fusion_cooc"]) == {"uniform", "id", "text", "image", "cooc"}
     # the served table is D_old's whole table, not the held-out one stage 3 trained on
     from mml.cooc import build_table
     from training.checkpoint import load_model

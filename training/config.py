@@ -136,6 +136,12 @@ class Stage3Config(_Frozen):
     user_fraction: float = Field(
         0.25, gt=0.0, le=1.0, description="share of old users sampled (reference 0.10-0.25)"
     )
+    select: bool = Field(
+        False,
+        description="validation selection (deviation, docs/model.md): each fusion layer starts from the best "
+        "on the validation item of {uniform, each learner alone} and ends at its best state measured after "
+        "every batch, so it is never worse there than its best learner",
+    )
 
 
 class WarmupConfig(_Frozen):
@@ -219,6 +225,7 @@ RECIPE: dict[str, Any] = {
         "steps": 200,
         "eval_every": 25,
     },
+    "stage3": {"select": True},
     "warmup": {"select": True},
 }
 

@@ -248,8 +248,16 @@ def train(
                 support_size = split.new_support.shape[1]
                 result.update(
                     train_stage3(
-                        model, split.old_seqs, support_size, cfg, eval_tasks, rng, report, cooc=table
-                    )
+                        model,
+                        split.old_seqs,
+                        support_size,
+                        cfg,
+                        eval_tasks,
+                        rng,
+                        report,
+                        cooc=table,
+                        validation=validation,
+                    )  # fmt: skip
                 )
             result["wall_s"] = round(time.perf_counter() - stage_start, 1)
             losses[f"stage{stage}"] = result

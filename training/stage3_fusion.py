@@ -22,6 +22,7 @@ from model.mml import LEARNERS, MML
 from training.config import TrainConfig
 from training.stage2_generator import forget_mask
 from training.tasks import TaskBatch, pad_sequences, sample_windows, support_tasks
+from training.validation import Validation
 from training.warmup import adapted_hidden
 
 
@@ -97,12 +98,21 @@ def train_stage3(
     rng: np.random.Generator,
     report: Callable[[int, int, str], None] | None = None,
     cooc: CoocTable | None = None,
+    validation: Validation | None = None,
 ) -> dict:
     """Train the fusion layer(s). `cooc`: the co-occurrence table of all of D_old (models with the
     co-occurrence learner): the fusion trains on a table built WITHOUT the sampled users (else their
-    windows' own co-occurrences would inflate the learner's weight), then `cooc` is installed."""
+    windows' own co-occurrences would inflate the learner's weight), then `cooc` is installed.
+    With cfg.stage3.select and a `validation`, the layers start and end at their best validated state
+    (`FusionSelection`)."""
     s3 = cfg.stage3
     length = support_size + 1
+    selection = None
+    if s3.select and validation is not None:
+        model.eval()
+        selection = FusionSelection(model, cfg, validation, cooc if model.has_cooc else None)
+        started_from = selection.start_from_best_candidate()
+        selection.keep(0)
     users = rng.permutation(len(old_seqs))[: max(1, int(round(s3.user_fraction * len(old_seqs))))]
     sampled = [old_seqs[i] for i in users]
     if model.has_cooc:
@@ -126,6 +136,7 @@ def train_stage3(
     initial = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
     optimiser = torch.optim.Adam(fusion_params, lr=s3.lr)
     history = []
+    steps = 0
     for epoch in range(s3.epochs):
         windows = fusion_windows(sampled, length, rng)
         windows = windows[rng.permutation(len(windows))]
@@ -137,16 +148,101 @@ def train_stage3(
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(part)
+            steps += 1
+            if selection is not None:
+                selection.keep(steps)
             if report:
                 done = start + len(part)
                 report(epoch, done, f"epoch {epoch + 1}/{s3.epochs} ce={total / done:.4f}")
         history.append(total / max(len(windows), 1))
+    selected = None
+    if selection is not None:
+        selected = {"start": started_from, "best": selection.restore(), "curve": selection.curve}
     final = evaluate(model, eval_windows, eval_forget, cfg, s3.batch, frozen)
     if model.has_cooc:
         model.set_cooc(cooc.items, cooc.weights)
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"initial_loss": initial, "final_loss": final, "epoch_losses": history, "users": len(sampled)}
+    out = {"initial_loss": initial, "final_loss": final, "epoch_losses": history, "users": len(sampled)}
+    if selected is not None:
+        out["selection"] = selected
+    return out
+
+
+class FusionSelection:
+    """Validation of the fusion layers (stage 3 with `select`): the learners are frozen, so each new
+    user's warmed-up sequences (and co-occurrence scores, from the table of all of D_old) are computed
+    once; a fusion state is then scored in one cheap pass. Keeps each layer's best state."""
+
+    def __init__(self, model: MML, cfg: TrainConfig, validation: Validation, cooc: CoocTable | None) -> None:
+        from mml.cooc import dense_scores
+        from training.warmup import warm_hidden
+
+        self.model, self.validation = model, validation
+        with torch.no_grad():
+            self.tables = model.item_tables()
+            self.parts = []
+            for rows, seq, hidden in warm_hidden(model, validation.support, validation.support, cfg):
+                co = None
+                if cooc is not None:
+                    co = torch.as_tensor(dense_scores(cooc, seq.cpu().numpy()), device=seq.device)
+                self.parts.append((np.arange(rows.start, rows.stop), seq, hidden, co))
+        self.layers = {"fusion": model.fusion} | (
+            {"fusion_cooc": model.fusion_cooc} if cooc is not None else {}
+        )
+        self.best: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
+        self.curve: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def score(self, layer: str) -> float:
+        values = []
+        for users, seq, hidden, co in self.parts:
+            fused, _ = self.model.fuse(
+                hidden, seq > 0, tables=self.tables, cooc=co if layer == "fusion_cooc" else None
+            )
+            values.append(self.validation.per_user(fused.cpu().numpy(), users))
+        return float(np.concatenate(values).mean())
+
+    def keep(self, step: int) -> None:
+        point = {"step": step}
+        for layer, module in self.layers.items():
+            value = point[layer] = self.score(layer)
+            if layer not in self.best or value > self.best[layer][0]:
+                self.best[layer] = (value, {k: v.detach().clone() for k, v in module.state_dict().items()})
+        self.curve.append(point)
+
+    @torch.no_grad()
+    def start_from_best_candidate(self) -> dict[str, dict[str, float]]:
+        """Each layer starts from the best of: its initial state (uniform), or each learner alone
+        (the other learners' Eq. 9 scale gamma set to 0; the co-occurrence scale to ~0)."""
+        tried: dict[str, dict[str, float]] = {}
+        for layer, module in self.layers.items():
+            initial = {k: v.clone() for k, v in module.state_dict().items()}
+            names = [*LEARNERS] + (["cooc"] if layer == "fusion_cooc" else [])
+            candidates: dict[str, dict[str, torch.Tensor]] = {"uniform": initial}
+            for m, name in enumerate(names):
+                state = {k: v.clone() for k, v in initial.items()}
+                keep = torch.zeros_like(state["score_weight"])
+                if name != "cooc":
+                    keep[m] = 1.0
+                state["score_weight"] = state["score_weight"] * keep
+                if "cooc_scale" in state:
+                    state["cooc_scale"] = (
+                        state["cooc_scale"] if name == "cooc" else torch.full_like(state["cooc_scale"], -20.0)
+                    )
+                candidates[name] = state
+            tried[layer] = {}
+            for name, state in candidates.items():
+                module.load_state_dict(state)
+                tried[layer][name] = self.score(layer)
+            best = max(tried[layer], key=tried[layer].get)
+            module.load_state_dict(candidates[best])
+        return tried
+
+    def restore(self) -> dict[str, float]:
+        for layer, module in self.layers.items():
+            module.load_state_dict(self.best[layer][1])
+        return {layer: value for layer, (value, _) in self.best.items()}
 
 
 def _eval_windows(tasks: TaskBatch, length: int) -> np.ndarray:

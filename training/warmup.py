@@ -74,19 +74,17 @@ def adapted_hidden(
         )
 
 
-def warm_scores(
+def warm_hidden(
     model: MML,
     support_items: np.ndarray,
     input_items: np.ndarray,
     cfg: TrainConfig,
     steps: int | None = None,
     seed: int = 0,
-    cooc: bool = False,
 ) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor]]]:
-    """For users with support items (U, S) and scoring inputs (U, S') (right-padded, 0 = pad), in chunks:
-    (rows, fused scores (b, N+1), {learner: raw scores (b, N+1)}) after the warm-up (cfg.warmup;
-    `steps` overrides its number of steps). Column 0 (pad) is -inf. `cooc`: fuse with the
-    co-occurrence learner (`fusion_cooc`; its scores are returned as per-learner "cooc")."""
+    """For users with support items (U, S) and scoring inputs (U, S') (right-padded, 0 = pad), in
+    chunks: (rows, the chunk's sequences (b, L), {learner: last-layer sequence (b, L, d)}) after the
+    warm-up (cfg.warmup; `steps` overrides its number of steps), dropout off."""
     steps = cfg.warmup.steps if steps is None else steps
     max_len = cfg.model.max_len
     rng = np.random.default_rng(seed)
@@ -117,14 +115,33 @@ def warm_scores(
                 )  # fmt: skip
                 for name in LEARNERS
             }
-            with torch.no_grad():
-                co = model.cooc_scores(seq) if cooc else None
-                fused, per_learner = model.fuse(hidden, seq > 0, tables=tables, cooc=co)
-                if co is not None:
-                    per_learner = {**per_learner, "cooc": co}
-            yield rows, fused, per_learner
+            yield rows, seq, hidden
     finally:
         model.train(was_training)
+
+
+def warm_scores(
+    model: MML,
+    support_items: np.ndarray,
+    input_items: np.ndarray,
+    cfg: TrainConfig,
+    steps: int | None = None,
+    seed: int = 0,
+    cooc: bool = False,
+) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor]]]:
+    """For users with support items (U, S) and scoring inputs (U, S') (right-padded, 0 = pad), in chunks:
+    (rows, fused scores (b, N+1), {learner: raw scores (b, N+1)}) after the warm-up (cfg.warmup;
+    `steps` overrides its number of steps). Column 0 (pad) is -inf. `cooc`: fuse with the
+    co-occurrence learner (`fusion_cooc`; its scores are returned as per-learner "cooc")."""
+    with torch.no_grad():
+        tables = model.item_tables()
+    for rows, seq, hidden in warm_hidden(model, support_items, input_items, cfg, steps, seed):
+        with torch.no_grad():
+            co = model.cooc_scores(seq) if cooc else None
+            fused, per_learner = model.fuse(hidden, seq > 0, tables=tables, cooc=co)
+            if co is not None:
+                per_learner = {**per_learner, "cooc": co}
+        yield rows, fused, per_learner
 
 
 def validation_summary(
