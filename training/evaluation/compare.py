@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from training.evaluation.report import SETTING_LABELS, per_user_over_seeds
 from training.evaluation.runner import SETTINGS, load_run, run_path
 from training.evaluation.significance import ALPHA, holm, paired_test
@@ -25,8 +27,22 @@ def seeds_of(cache: Path, setting: str, method: str) -> set[int]:
     return {int(p.stem.removeprefix("seed")) for p in folder.glob("seed*.npz")}
 
 
-def compare(cache: Path, setting: str, pairs: list[tuple[str, str]], variant: str = "unmasked") -> str:
-    """One setting's table of paired tests (markdown)."""
+def new_item_queries(data_dir: Path) -> np.ndarray:
+    """(U,) bool: the new users whose query item is a new item (not in D_old), in the split's order."""
+    from training.data import load_split
+
+    split = load_split(data_dir)
+    return np.asarray(split.new_query) > split.n_old_items
+
+
+def compare(
+    cache: Path,
+    setting: str,
+    pairs: list[tuple[str, str]],
+    variant: str = "unmasked",
+    users: np.ndarray | None = None,
+) -> str:
+    """One setting's table of paired tests (markdown); `users`: a bool mask of the users to test on."""
     rows, pvalues = [], []
     for a, b in pairs:
         seeds = sorted(seeds_of(cache, setting, a) & seeds_of(cache, setting, b))
@@ -34,7 +50,10 @@ def compare(cache: Path, setting: str, pairs: list[tuple[str, str]], variant: st
             raise SystemExit(f"no seed evaluated for both {a} and {b} under {cache}/{setting}")
         runs = {m: [load_run(run_path(cache, setting, m, seed)) for seed in seeds] for m in (a, b)}
         for metric in METRICS:
-            test = paired_test(*(per_user_over_seeds(runs[m], variant, metric) for m in (a, b)))
+            values = [per_user_over_seeds(runs[m], variant, metric) for m in (a, b)]
+            if users is not None:
+                values = [v[users] for v in values]
+            test = paired_test(*values)
             rows.append((a, b, metric, len(seeds), test))
             pvalues.append(test.wilcoxon_pvalue)
     adjusted = holm(pvalues)
@@ -63,6 +82,12 @@ def main() -> None:
     parser.add_argument("--pairs", required=True, help="comma-separated A:B method pairs")
     parser.add_argument("--variant", default="unmasked", choices=("unmasked", "masked"))
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default: print)")
+    parser.add_argument(
+        "--new-item-queries",
+        type=Path,
+        default=None,
+        help="the setting's split folder: test only the users whose query item is a new item",
+    )
     args = parser.parse_args()
     pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",")]
     if any(len(p) != 2 or not all(p) for p in pairs):
@@ -70,14 +95,22 @@ def main() -> None:
     settings = args.settings.split(",")
     command = (
         f"python -m training.evaluation.compare --cache {args.cache} --settings {args.settings} "
-        f"--pairs {args.pairs}" + (f" --variant {args.variant}" if args.variant != "unmasked" else "")
+        f"--pairs {args.pairs}"
+        + (f" --variant {args.variant}" if args.variant != "unmasked" else "")
+        + (f" --new-item-queries {args.new_item_queries}" if args.new_item_queries else "")
     )
+    users = new_item_queries(args.new_item_queries) if args.new_item_queries else None
     parts = ["# Paired tests", "", f"Command: `{command}`", ""]
     for setting in settings:
         parts += [
             f"## {SETTING_LABELS.get(setting, setting)}",
             "",
-            compare(args.cache, setting, pairs, args.variant),
+            *(
+                [f"Only the {int(users.sum())} users whose query item is a new item.", ""]
+                if users is not None
+                else []
+            ),
+            compare(args.cache, setting, pairs, args.variant, users),
         ]
     text = "\n".join(parts)
     if args.out:
