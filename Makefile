@@ -35,8 +35,8 @@ data: $(STAMP) ## download (or mirror) ML-1M and build the cold-start split
 features: data ## encode item text and posters with the pretrained encoders
 	$(BIN)/mml data features --data $(DATA)
 
-# extra `mml train` flags, e.g. TRAIN_ARGS="--loss ce --set tasks.query_share=0.8" (the better model at the
-# quick budget, docs/model.md "Query share"; use another RUN and BUNDLE) or "--device cuda"
+# extra `mml train` flags, e.g. TRAIN_ARGS="--device cuda", or "--profile full" after --profile quick
+# (the report's budget; use another RUN and BUNDLE)
 TRAIN_ARGS ?=
 train: features ## train the quick profile (skipped when a bundle exists)
 	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists: not retraining"; \
@@ -57,8 +57,9 @@ test: $(STAMP) ## run the test suite
 bench: $(STAMP) ## benchmarks -> docs/results/bench.json
 	PYTHONPATH=. $(BIN)/mml bench --out docs/results/bench.json  # loadtest/ is not an installed package
 
-# every method of docs/results.md, MML trained with CE too; RQ4 points with one seed (2 CPU cores)
-EVAL_METHODS ?= pop,itemknn,sasrec,gru4rec,full_retrain,pt_ft,mml,no_gen,no_fusion,mml_id,mml_zero_shot,mml_ce
+# every method of docs/results.md: baselines, MML and its ablations, MML + co-occurrence, the paper's
+# recipe, SASRec + co-occurrence; RQ4 points with one seed (2 CPU cores)
+EVAL_METHODS ?= pop,itemknn,sasrec,gru4rec,full_retrain,sasrec_ft,sml,cbml,metatl,pt_ft,mml,mml_cooc,no_gen,no_fusion,mml_id,mml_text,mml_image,mml_zero_shot,mml_paper,sasrec_cooc
 results: features ## regenerate the evaluation report from scratch (hours on 2 cores; resumes)
 	$(BIN)/mml evaluate --data $(DATA) --out docs/results --report docs/results.md --seeds 3 \
 		--methods $(EVAL_METHODS) --rq4-seeds 1
