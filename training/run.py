@@ -44,7 +44,7 @@ from training.pretrain import pretrain
 from training.stage2_generator import train_stage2
 from training.stage3_fusion import train_stage3
 from training.validation import Validation
-from training.warmup import choose_warmup, validation_summary
+from training.warmup import choose_warmup, confirm_warmup, validation_summary
 
 
 def data_fingerprint(split: Split, features: ItemFeatures) -> str:
@@ -259,6 +259,8 @@ def train(
                         validation=validation,
                     )  # fmt: skip
                 )
+                if cfg.warmup.steps and cfg.stage3.select:
+                    cfg, result["warmup_confirmed"] = confirm_warmup(model, cfg, validation)
             result["wall_s"] = round(time.perf_counter() - stage_start, 1)
             losses[f"stage{stage}"] = result
             save_stage(out, stage, keys[stage], model, cfg, result)

@@ -217,3 +217,22 @@ def choose_warmup(model: MML, cfg: TrainConfig, validation) -> tuple[TrainConfig
         raise ValueError("warm-up selection: the grids name no candidate")
     chosen = best[1]
     return chosen.model_copy(update={"warmup": chosen.warmup.model_copy(update={"select": False})}), tried
+
+
+def confirm_warmup(model: MML, cfg: TrainConfig, validation) -> tuple[TrainConfig, dict[str, float]]:
+    """After the fusion is trained: keep the chosen warm-up only if it beats 0 steps on the validation
+    item with the served fusion (the one with the co-occurrence learner when the model has it); the
+    grid chose it with the learners' average, before the fusion existed."""
+    users = np.arange(len(validation))
+    values = {}
+    for steps in sorted({0, cfg.warmup.steps}):
+        parts = [
+            fused.numpy()
+            for _, fused, _ in warm_scores(
+                model, validation.support, validation.support, cfg, steps, cooc=model.has_cooc
+            )
+        ]
+        values[str(steps)] = float(validation.per_user(np.concatenate(parts), users).mean())
+    if values["0"] >= values[str(cfg.warmup.steps)]:
+        cfg = cfg.model_copy(update={"warmup": cfg.warmup.model_copy(update={"steps": 0})})
+    return cfg, values
