@@ -85,7 +85,7 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
     tried = results["mml"].info["selection"]["warmup_selection"]
     assert {t["steps"] for t in tried} == {0, 1}  # the grid includes no warm-up at all
     best = max(tried, key=lambda t: t["mrr@10"])
-    assert (chosen["steps"], chosen["lr"]) == (best["steps"], best["lr"])
+    assert chosen["steps"] in (0, best["steps"])  # 0 when the trained fusion did better without it
     assert results["mml"].info["warmup_steps"] == chosen["steps"]
     # PT-FT: pre-training only, no meta-update
     ptft = results["pt_ft"].info["selection"]["selection"]
