@@ -37,6 +37,11 @@ def evaluate(
     cache: Path | None = typer.Option(
         None, "--cache", help="per-run cache [default: artifacts/eval/<dataset>/<profile>]"
     ),
+    cached_only: bool = typer.Option(
+        False,
+        "--cached-only",
+        help="report only the runs the cache holds (train nothing); the report lists the gaps",
+    ),
     rq4: bool = typer.Option(
         True, "--rq4/--no-rq4", help="also run RQ4 (MML vs PT-FT on 20..100% of old users)"
     ),
@@ -72,7 +77,7 @@ def evaluate(
     cache_dir = cache or Path("artifacts") / "eval" / dataset / eval_profile.name
     seed_list = list(range(seeds))
     rq4_seed_list = list(range(rq4_seeds or seeds))
-    grid = runner.Grid(folders, chosen_methods, seed_list, eval_profile, cache_dir)
+    grid = runner.Grid(folders, chosen_methods, seed_list, eval_profile, cache_dir, cached_only)
     results = runner.run_grid(grid, log=lambda line: typer.echo(line, err=True))
 
     figures: dict[str, str] = {}
@@ -112,6 +117,7 @@ def evaluate(
             + ([f"--methods {methods}"] if methods else [])
             + [f"--profile {profile}"]
             + ([] if rq4 else ["--no-rq4"])
+            + (["--cached-only"] if cached_only else [])
             + ([f"--rq4-seeds {rq4_seeds}"] if rq4 and rq4_seeds else [])
         ),
         "seconds": run_seconds + rq4_seconds,
@@ -119,6 +125,7 @@ def evaluate(
         "wall_seconds_this_invocation": time.perf_counter() - start,
         "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU",
         "data": {setting: str(folder) for setting, folder in folders.items()},
+        "missing": [f"{s} / {m}" for s in folders for m in chosen_methods if m not in results.get(s, {})],
     }
     doc = rep.aggregate(results, meta)
     if rq4_doc is not None:

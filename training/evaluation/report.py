@@ -377,6 +377,13 @@ def render_markdown(doc: dict[str, Any], discussion: str | None, figures: dict[s
         "ran (the grid resumes from its cache, so one invocation may reuse runs of earlier ones; per-run "
         "seconds are in the last table).",
         f"- Profile `{meta['profile']}`, seeds {meta['seeds']}; data: {meta['data']}.",
+        *(
+            [
+                f"- **Not run** (no cached run; compute ran out, see the discussion): {', '.join(meta['missing'])}."
+            ]
+            if meta.get("missing")
+            else []
+        ),
         "- Protocol: every new user has 8 support items, a validation item (9th) and a query item (10th). "
         "Methods learn from D_old and the support items only; the validation item is used for model "
         "selection only (learning rate, loss variant, epochs, kNN window); the query item only for these "

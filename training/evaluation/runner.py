@@ -358,6 +358,7 @@ class Grid:
     seeds: list[int]
     profile: EvalProfile
     cache: Path
+    cached_only: bool = False  # report what the cache holds; train nothing (missing cells are listed)
 
 
 def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[str, list[RunResult]]]:
@@ -376,6 +377,9 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[s
             for seed in grid.seeds:
                 path = run_path(grid.cache, setting, name, seed)
                 result = load_run(path, grid.profile, name)
+                if result is None and grid.cached_only:
+                    log(f"{setting} {name} seed {seed}: not in the cache (--cached-only: left out)")
+                    continue
                 if result is None:
                     if features is None and name not in ("pop", "itemknn", *SEQUENTIAL, *TRAINED_BASELINES):
                         from training.features import load_features
@@ -401,5 +405,6 @@ def run_grid(grid: Grid, log: Callable[[str], None] = print) -> dict[str, dict[s
                 if chosen is None:
                     chosen = chosen_by_method[name] = chosen_config(result.info)
                 runs.append(result)
-            results[setting][name] = runs
+            if runs:
+                results[setting][name] = runs
     return results
