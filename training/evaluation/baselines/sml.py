@@ -33,6 +33,7 @@ a random model); a fixed number of Adam steps per period (`sml_steps`) instead o
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,10 @@ class SML(Method):
         self.net, hp = fit_sequential("sasrec", base, data, self.sasrec_cfg, validator, base_info, self.log)
         self.info.update({key: hp[key] for key in ("loss", "lr", "dropout", "d")})
         self.info["base_validation"] = base_info["validation_best"]
+        self.info["base_train_seconds"] = base_info.get("train_seconds")
+        # the same random stream whether the base model was trained here or loaded from a kept run
+        torch.manual_seed(data.seed + 1)
+        start = time.perf_counter()
         self.net.train()
         self.d = hp["d"]
         self.item_transfer, self.other_transfer = _transfer(self.d), _transfer(self.d)
@@ -171,6 +176,7 @@ class SML(Method):
         assert best is not None
         value, final, self.info["passes"], *_ = best
         self.info["validation_best"], self.info["validation_curve"] = value, curve
+        self.info["chain_seconds"] = round(time.perf_counter() - start, 1)
         self.final_net = self._net_with(final)
         self.final_net.eval()
 
