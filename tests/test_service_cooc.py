@@ -307,3 +307,19 @@ def test_recall_over_http_on_an_mml_cooc_arm(server, synthetic_cooc, synthetic_p
     assert r.status_code == 409 and "arm 'cooc'" in r.json()["message"], r.text
     again = c.post("/recall", json=body, headers={"X-MML-Arm": "cooc"}).json()
     assert again["items"] == got["items"]
+
+
+def test_the_cooc_arm_loads_without_scipy_or_torch(synthetic_cooc):
+    """The serving image has neither: the table is read and scored with numpy alone (mml.cooc imports
+    scipy only where training builds a table)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service.runtime import Runtime; from service.recall import mml_cooc_chain; "
+        f"rt = Runtime.load({str(synthetic_cooc)!r}); assert rt.has_cooc; "
+        "print(sorted(m for m in ('scipy', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
