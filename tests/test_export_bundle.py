@@ -16,6 +16,7 @@ from mml.bundle import FORMAT_VERSION, MANIFEST, read_manifest, verify_bundle, w
 from mml.bundle_loader import (
     GRAPH_FILES,
     INDEX_FILE,
+    OPTIONAL_ROLES,
     TABLE_COLUMNS,
     TABLES_FILE,
     TORCH_CONFIG,
@@ -73,8 +74,11 @@ def copy(bundle_dir: Path, tmp_path: Path) -> Path:
 def test_layout_and_manifest(bundle_dir: Path) -> None:
     manifest = verify_bundle(bundle_dir)
     listed = {f.path for f in manifest.files}
-    assert set(GRAPH_FILES.values()) | {TABLES_FILE, INDEX_FILE, TORCH_STATE, TORCH_CONFIG} == listed
-    assert manifest.graphs == GRAPH_FILES
+    graphs = {
+        role: path for role, path in GRAPH_FILES.items() if role not in OPTIONAL_ROLES
+    }  # no cooc learner
+    assert set(graphs.values()) | {TABLES_FILE, INDEX_FILE, TORCH_STATE, TORCH_CONFIG} == listed
+    assert manifest.graphs == graphs
     assert manifest.format_version == FORMAT_VERSION
     assert re.fullmatch(r"\d{8}-[0-9a-f]{8}", manifest.model_version)
     assert (
