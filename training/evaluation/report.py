@@ -86,7 +86,18 @@ METHOD_NOTES: dict[str, str] = {
     "trained and selected exactly like SASRec (cross-entropy at every position, same windows, budget and "
     "early stopping) over its own grids.",
     "full_retrain": "SASRec trained on D_old plus the new users' support sequences, with SASRec's selection.",
-    "pt_ft": "MML's structure pre-trained without the inner loop, then the per-user warm-up (training/evaluation/mml_rows.py).",
+    "pt_ft": "as the paper defines it: MML's structure pre-trained on D_old (stage 1a, the weights best on validation), no "
+    "meta-training, its own generator and fusion, then per-user fine-tuning on the support items with the parameter "
+    "group, steps (grid with 0) and lr chosen on the validation item (training/evaluation/mml_rows.py).",
+    "mml": "MML, our recipe (docs/model.md): the paper's three learners, generator and fusion; learners pre-trained with "
+    "next-item CE (ID table from the SVD of D_old's co-occurrence), then MAML with CE and a query share, each kept at "
+    "its best validation state; warm-up and fusion start chosen on the validation item.",
+    "mml_cooc": "the same trained MML with the co-occurrence learner as a fourth learner of a second fusion layer "
+    "(mml/cooc.py; window chosen on validation, top-100 neighbours per item), served exactly by the mml_cooc arm.",
+    "mml_paper": "MML trained with the paper's recipe (MAML from scratch, BPR, the last item as the query) at the "
+    "profile's budget (`paper-quick` for quick): the paper's row.",
+    "sasrec_cooc": "the SASRec row's model and the co-occurrence learner, each score vector standardised over the "
+    "catalogue (Eq. 9), summed with one weight chosen on the validation item (training/evaluation/fused_rows.py).",
     "sasrec_ft": "the SASRec row's model, then per-user fine-tuning on the 8 support items (Adam, next-item "
     "cross-entropy, dropout off); learning rate, steps (the grid includes 0 = SASRec itself) and parameter "
     "group (all weights / item table / everything but the item table) chosen on the validation item.",
