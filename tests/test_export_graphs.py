@@ -17,6 +17,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from mml.bundle import read_manifest, write_manifest
 from mml.bundle_loader import GRAPH_FILES, GRAPH_IO, SEQUENCE_ROLES, LoadedBundle, load_bundle
+from mml.cooc import build_table
 from mml.errors import BundleError
 from model.config import ModelConfig
 from model.fusion import closed_form
@@ -38,6 +39,7 @@ SMALL = ModelConfig(
     n_neighbours=4,
     feature_sim_dim=8,
     fusion_hidden=16,
+    cooc_neighbours=5,  # every graph role, recall_cooc included
 )
 ATOL = 1e-4
 
@@ -53,6 +55,11 @@ def exported(tmp_path_factory) -> tuple[MML, LoadedBundle, object]:
         model.fusion.score_weight.copy_(torch.tensor([1.5, 0.7, 2.0]))
         model.fusion.score_bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
         model.fusion.attend.weight.normal_(0.0, 1.0)
+        model.fusion_cooc.attend.weight.normal_(0.0, 1.0)
+        model.fusion_cooc.cooc_attend.weight.normal_(0.0, 1.0)
+        model.fusion_cooc.cooc_scale.fill_(0.5)
+    table = build_table(split.old_seqs, split.n_items, window=2, m=5)
+    model.set_cooc(table.items, table.weights)
     out = tmp_path_factory.mktemp("export") / "bundle"
     export_model(
         model, out, item_ids=features.item_id, popularity=popularity_counts(split.old_seqs, split.n_items)

@@ -220,6 +220,8 @@ def test_two_ranks_equal_one_process_and_mml_train_resumes(data_dir, tmp_path):
         str(data_dir),
         "--out",
         str(out),
+        "--profile",
+        "paper-quick",
         "--config",
         str(data_dir / "config.json"),
         "--quiet",

@@ -304,7 +304,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, required=True, help="a prepared split with its features")
     parser.add_argument("--out", type=Path, required=True, help="run folder (written by rank 0 only)")
-    parser.add_argument("--profile", default="quick", help="quick or paper (training/config.py)")
+    parser.add_argument(
+        "--profile",
+        default="paper-quick",
+        help="a profile without stage-1a pre-training: paper-quick or paper (training/config.py)",
+    )
     parser.add_argument(
         "--config", type=Path, help="JSON of settings merged over the profile (e.g. a run's config.json)"
     )
