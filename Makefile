@@ -46,8 +46,10 @@ export: train ## export the trained run to a serving bundle
 	@if [ -f $(BUNDLE)/manifest.json ]; then echo "bundle $(BUNDLE) exists"; \
 	else $(BIN)/mml export --run $(RUN) --out $(BUNDLE); fi
 
+# the arm served: MML + co-occurrence, the report's best (docker/arms.default.yaml); ARMS= for plain mml
+ARMS ?= docker/arms.default.yaml
 serve: $(STAMP) ## serve the bundle on localhost:$(PORT)
-	$(BIN)/mml serve --bundle $(BUNDLE) --host 127.0.0.1 --port $(PORT)
+	$(BIN)/mml serve --bundle $(BUNDLE) --host 127.0.0.1 --port $(PORT) $(if $(ARMS),--arms $(ARMS),)
 
 run: export serve ## everything: data -> features -> train -> export -> serve
 

@@ -176,3 +176,10 @@ def test_compose_file_is_plain_yaml_with_a_project_name() -> None:
     raw = yaml.safe_load(COMPOSE.read_text())
     assert raw["name"] == "mml-recall"
     assert "version" not in raw, "the `version` key is obsolete in the Compose specification"
+
+
+def test_make_run_serves_the_reports_best_arm():
+    """`make serve` passes docker/arms.default.yaml: one arm of kind mml_cooc (MML + co-occurrence)."""
+    config = load_arms(REPO / "docker" / "arms.default.yaml")
+    assert [(a.name, a.kind, a.weight) for a in config.arms] == [("mml", "mml_cooc", 1.0)]
+    assert "docker/arms.default.yaml" in (REPO / "Makefile").read_text()
