@@ -255,19 +255,25 @@ def read_exposures(source: str, prefix: str = "mml:") -> Iterator[dict]:
                 start = "(" + batch[-1][0].decode()
         except redis.RedisError as exc:
             raise MMLError(f"exposures {source}: {exc}") from exc
+    for _number, record in json_lines(source, "exposures"):
+        if isinstance(record, dict) and "arm" in record and "user_id" in record:
+            yield record  # other log lines in the same file are skipped
+
+
+def json_lines(source: str, what: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a clear error naming
+    `what`, the file and the line for a missing file or a line that is not JSON."""
     path = Path(source)
     if not path.is_file():
-        raise MMLError(f"exposures {source}: no such file (give a JSON-lines file or a redis:// URL)")
+        raise MMLError(f"{what} {source}: no such file (give a JSON-lines file or a redis:// URL)")
     with open(path) as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MMLError(f"exposures {source}:{number}: not a JSON line ({exc.msg})") from exc
-            if isinstance(record, dict) and "arm" in record and "user_id" in record:
-                yield record  # other log lines in the same file are skipped
+                raise MMLError(f"{what} {source}:{number}: not a JSON line ({exc.msg})") from exc
 
 
 # --- sample ratio mismatch ------------------------------------------------------------------------

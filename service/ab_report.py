@@ -52,7 +52,7 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from mml.errors import MMLError
-from service.ab import SRM_ALPHA, ArmsConfig, count_users, read_exposures, srm_check
+from service.ab import SRM_ALPHA, ArmsConfig, count_users, json_lines, read_exposures, srm_check
 
 
 class ReportConfig(BaseModel):
@@ -186,20 +186,10 @@ def _redis_events(source: str, prefix: str) -> Iterator[dict]:
 
 
 def _file_records(source: str, what: str) -> Iterator[dict]:
-    path = Path(source)
-    if not path.is_file():
-        raise MMLError(f"{what} {source}: no such file (give a JSON-lines file or a redis:// URL)")
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MMLError(f"{what} {source}:{number}: not a JSON line ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise MMLError(f"{what} {source}:{number}: not a JSON object")
-            yield record
+    for number, record in json_lines(source, what):
+        if not isinstance(record, dict):
+            raise MMLError(f"{what} {source}:{number}: not a JSON object")
+        yield record
 
 
 def events_from_records(records: Iterable[dict], source: str = "events") -> Events:

@@ -89,14 +89,9 @@ def test_every_row_scores_the_catalogue_from_one_trained_run(tmp_path) -> None:
     assert results["mml"].info["warmup_steps"] == chosen["steps"]
     # PT-FT: pre-training only, no meta-update
     ptft = results["pt_ft"].info["selection"]["selection"]
-    assert ptft is None or all(step == 0 for step in ptft["best_step"].values())
-    # the co-occurrence row differs from the paper's three-learner row
-    assert (
-        not np.allclose(
-            results["mml_cooc"].per_user["unmasked"]["mrr@20"], results["mml"].per_user["unmasked"]["mrr@20"]
-        )
-        or results["mml_cooc"].info["selection"]["cooc_windows"]
-    )
+    assert all(step == 0 for step in ptft["best_step"].values())
+    # the co-occurrence row's run chose its window on the validation item from the grid
+    assert set(results["mml_cooc"].info["selection"]["cooc_windows"]) == {"1", "2"}
 
 
 def test_paper_row_trains_the_papers_recipe(tmp_path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from training.evaluation.metrics import METRICS
 from training.evaluation.protocol import VARIANTS, RunResult
-from training.evaluation.runner import BASELINES, OPTIONAL_ROWS, SETTINGS
+from training.evaluation.runner import BASELINES, MML_ROWS, OPTIONAL_ROWS, SETTINGS
 from training.evaluation.significance import ALPHA, holm, paired_test
 
 LABELS = {
@@ -431,17 +431,7 @@ def render_markdown(doc: dict[str, Any], discussion: str | None, figures: dict[s
             ]
     ablations = [
         m
-        for m in (
-            "no_gen",
-            "no_fusion",
-            "mml_id",
-            "mml_text",
-            "mml_image",
-            "mml_zero_shot",
-            *OPTIONAL_ROWS,
-            "mml",
-            "mml_cooc",
-        )
+        for m in (*(r for r in MML_ROWS if r not in ("mml", "mml_cooc")), *OPTIONAL_ROWS, "mml", "mml_cooc")
         if any(m in doc[s] for s in settings)
     ]
     if ablations:
