@@ -25,8 +25,9 @@ from mml.bundle_loader import (
 )
 from mml.errors import BundleError, DataError, MMLError
 from model.config import ModelConfig
+from model.from_bundle import load_torch_model
 from model.mml import MML
-from training.export import build, export_model, load_torch_model
+from training.export import build, export_model
 from training.export.tables import popularity_counts, serving_model
 from training.synthetic import synthetic
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -112,3 +114,32 @@ def test_adapt_steps_need_torch_weights_in_the_bundle(bundle, tmp_path):
             service.lifecycle.load()
     finally:
         shutil.rmtree(bare)
+
+
+def test_the_adapt_path_runs_without_the_training_package(bundle):
+    """The local update lives in model/ (model.adapt), shared with training's warm-up: the service's
+    torch path answers with `training` unimportable."""
+    code = f"""
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "training":
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Absent())
+from service.adapt import AdaptingModel
+from service.items import ItemRegistry
+from service.recall import mml_chain, run_chain
+from service.runtime import Runtime
+from service.schemas import RecallRequest
+from service.snapshot import BundleState
+from service.store import MemoryStore
+from service.topk import TopKConfig
+runtime = Runtime.load({str(bundle)!r})
+snapshot = BundleState(runtime, ItemRegistry(MemoryStore(), 10), TopKConfig()).next_snapshot(None)
+chain = mml_chain(MemoryStore(), AdaptingModel(runtime, steps=2))
+answer = run_chain(chain, snapshot, RecallRequest(user_id="u", history={HISTORY!r}, k=5))
+assert len(answer.items) == 5 and "training" not in sys.modules
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

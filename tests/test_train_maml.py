@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.adapt import adapt, theta
 from model.mml import LEARNERS, MML
 from training.config import Stage1Config
-from training.maml import adapt, learner_parameters, meta_loss, meta_loss_looped, theta
+from training.maml import learner_parameters, meta_loss, meta_loss_looped
 from training.synthetic import tiny_meta_setup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

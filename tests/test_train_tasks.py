@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from model.losses import bpr, softmax_ce
+from model.tasks import sample_negatives, support_tasks
 from training.config import profile
-from training.losses import bpr, softmax_ce
-from training.tasks import make_tasks, sample_negatives, sample_windows, support_tasks
+from training.tasks import make_tasks, sample_windows
 
 
 def test_task_support_is_every_prefix_and_query_is_the_last_item():

@@ -20,10 +20,11 @@ import torch
 
 from model.config import ModelConfig
 from model.mml import LEARNERS, MML
+from model.tasks import TaskBatch
 from training.config import Stage1Config
 from training.maml import meta_loss, meta_loss_looped
 from training.synthetic import synthetic
-from training.tasks import TaskBatch, make_tasks, sample_windows
+from training.tasks import make_tasks, sample_windows
 
 
 def _tasks_per_second(step: Callable[[], None], n_tasks: int, repeats: int, device: torch.device) -> float:

@@ -59,13 +59,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mml.errors import MMLError
 from model.mml import LEARNERS, MML
+from model.tasks import TaskBatch
 from training.checkpoint import read_stage, save_stage, stage_key, write_run_info
 from training.config import Stage1Config, TrainConfig
 from training.data.split import Split
 from training.features.types import ItemFeatures
 from training.maml import accumulate_meta_gradient, evaluate, learner_parameters, stage1_tasks, train_stage1
 from training.run import check_inputs, data_fingerprint, restrict
-from training.tasks import TaskBatch
 
 BACKEND = "gloo"  # the training code keeps every tensor on the CPU (docs/distributed.md: nccl)
 STAGE = 1

@@ -22,93 +22,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import vmap
 
+from model.adapt import Sims, adapt, candidates, task_loss_fn, theta
 from model.mml import LEARNERS, MML
 from model.norm import exact_second_order
+from model.tasks import TaskBatch
 from training.config import Stage1Config, TrainConfig
-from training.losses import sequence_loss
-from training.tasks import TaskBatch, make_tasks, sample_windows
+from training.tasks import make_tasks, sample_windows
 from training.validation import BestPerLearner, Validation
-
-Params = dict[str, torch.Tensor]
-Sims = tuple[torch.Tensor, torch.Tensor] | None
-
-
-def theta(model: MML, name: str) -> Params:
-    """Theta of a learner: the parameters its local update changes (never the embedding layer)."""
-    learner = model.learner(name)
-    names = set(learner.theta_names())
-    return {n: p for n, p in learner.named_parameters() if n in names}
-
-
-def task_loss_fn(model: MML, name: str, kind: str, table: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """loss(theta, x, valid, sims, target, negative, mask) of ONE task (unbatched tensors): one causal
-    pass of the learner with parameters theta, the loss over the masked positions."""
-    learner = model.learner(name)
-
-    def loss(theta: Params, x, valid, sims: Sims, target, negative, mask) -> torch.Tensor:
-        batched_sims = None if sims is None else (sims[0].unsqueeze(0), sims[1].unsqueeze(0))
-        hidden = functional_call(learner, theta, (x.unsqueeze(0), valid.unsqueeze(0), batched_sims))
-        return sequence_loss(
-            kind, hidden, table, target.unsqueeze(0), negative.unsqueeze(0), mask.unsqueeze(0)
-        )
-
-    return loss
-
-
-def candidates(
-    model: MML,
-    name: str,
-    target: torch.Tensor,
-    negative: torch.Tensor,
-    kind: str,
-    n_candidates: int,
-    id_table: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(candidate table, target, negative) for `sequence_loss`. CE needs items 0..n_candidates; BPR
-    only the rows of the items in the batch (targets and negatives re-indexed into them), which saves
-    projecting the whole catalogue for the feature learners. `table`: the full table, if computed."""
-    if kind == "ce":
-        full = model.item_table(name, id_table) if table is None else table
-        return full[: n_candidates + 1], target, negative
-    items, inverse = torch.unique(torch.stack([target, negative]), return_inverse=True)
-    rows = model.item_rows(name, items, id_table) if table is None else table[items]
-    return rows, inverse[0], inverse[1]
-
-
-def adapt(
-    model: MML,
-    name: str,
-    params: Params,
-    inputs: tuple[torch.Tensor, torch.Tensor, Sims],
-    table: torch.Tensor,
-    target: torch.Tensor,
-    negative: torch.Tensor,
-    mask: torch.Tensor,
-    steps: int,
-    lr: float,
-    kind: str,
-) -> Params:
-    """Local update (Eq. 18) of every task of a chunk at once -> per-task Theta, each (B, *shape).
-    Differentiable w.r.t. `params` and the inputs unless called under torch.no_grad()."""
-    x, valid, sims = inputs
-    loss = task_loss_fn(model, name, kind, table)
-    loss_grad = grad(loss)
-
-    def one_task(theta: Params, x, valid, sims, target, negative, mask) -> Params:
-        for _ in range(steps):
-            grads = loss_grad(theta, x, valid, sims, target, negative, mask)
-            theta = {k: torch.add(theta[k], grads[k], alpha=-lr) for k in theta}  # theta - lr * grad, one op
-        return theta
-
-    if steps == 0:
-        return {k: v.unsqueeze(0).expand(x.shape[0], *v.shape) for k, v in params.items()}
-    sims_dim = None if sims is None else 0
-    return vmap(one_task, in_dims=(None, 0, 0, sims_dim, 0, 0, 0), randomness="different")(
-        params, x, valid, sims, target, negative, mask
-    )
 
 
 def _detach_inputs(

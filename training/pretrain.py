@@ -21,9 +21,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from model.losses import sequence_loss
 from model.mml import LEARNERS, MML
 from training.config import PretrainConfig
-from training.losses import sequence_loss
 from training.maml import learner_parameters
 from training.validation import BestPerLearner, Validation
 

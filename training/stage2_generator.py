@@ -15,11 +15,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from model.losses import sequence_loss
 from model.mml import MML
+from model.tasks import TaskBatch
 from training.config import TrainConfig
-from training.losses import sequence_loss
 from training.maml import stage1_tasks
-from training.tasks import TaskBatch
 
 
 def forget_mask(model: MML, rate: float, generator: torch.Generator) -> torch.Tensor:

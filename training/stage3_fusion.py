@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from mml.cooc import CoocTable, build_table
+from model.adapt import adapted_hidden
 from model.mml import LEARNERS, MML
+from model.tasks import TaskBatch, pad_sequences, support_tasks
 from training.config import TrainConfig
 from training.stage2_generator import forget_mask
-from training.tasks import TaskBatch, pad_sequences, sample_windows, support_tasks
+from training.tasks import sample_windows
 from training.validation import Validation
-from training.warmup import adapted_hidden
 
 
 def fusion_windows(old_seqs: list[np.ndarray], length: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Meta-test warm-up (paper Sec. 3, 4.4): adapt every learner's Theta to each new user's support
-items with the local update of stage 1 (`training.maml.adapt`), batched across users with vmap, then
+items with the local update of stage 1 (`model.adapt.adapt`), batched across users with vmap, then
 score. steps = 0 scores with the global parameters.
 
 Choices (docs/model.md): the warm-up runs with dropout off (deterministic scores; the update is
@@ -14,64 +14,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
 
+from model.adapt import adapted_hidden
 from model.mml import LEARNERS, MML
+from model.tasks import pad_sequences, support_tasks
 from training.config import TrainConfig
-from training.maml import adapt, candidates, theta
-from training.tasks import pad_sequences, support_tasks
-
-
-def local_params(model: MML, name: str, group: str = "theta") -> dict[str, torch.Tensor]:
-    """What the warm-up adapts: all of Theta, or the `head` = the last block's feed-forward layer."""
-    params = theta(model, name)
-    if group == "theta":
-        return params
-    if group == "head":
-        prefix = f"encoder.blocks.{model.cfg.n_layers - 1}.ffn."
-        return {k: v for k, v in params.items() if k.startswith(prefix)}
-    raise ValueError(f"warm-up params must be 'theta' or 'head', got {group!r}")
-
-
-def adapted_hidden(
-    model: MML,
-    name: str,
-    support: dict[str, torch.Tensor],
-    seq: torch.Tensor,
-    steps: int,
-    lr: float,
-    loss: str,
-    id_table: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
-    group: str = "theta",
-) -> torch.Tensor:
-    """Last-layer sequence (B, L, d) of learner `name` for `seq` (B, L), after `steps` local updates
-    of each row's own copy of Theta on its support task (TaskBatch.torch() of the same B rows).
-    No gradient (the learners are fixed here); `id_table` replaces the ID table; `table` = the
-    learner's (N+1, d) item vectors when already computed; `group`: what the update changes
-    (`local_params`), the rest of the learner stays at the global parameters."""
-    learner = model.learner(name)
-    with torch.no_grad():
-        inputs = model.learner_inputs(name, seq, id_table)
-        if steps == 0:
-            return learner(*inputs)
-        params = {k: v.detach() for k, v in local_params(model, name, group).items()}
-        rows, target, negative = candidates(
-            model, name, support["target"], support["negative"], loss, model.n_items, id_table, table
-        )
-        local = adapt(
-            model, name, params, model.learner_inputs(name, support["seq"], id_table), rows,
-            target, negative, support["support"], steps, lr, loss,
-        )  # fmt: skip
-
-        def encode(th, x, valid, sims):
-            batched_sims = None if sims is None else (sims[0].unsqueeze(0), sims[1].unsqueeze(0))
-            return functional_call(learner, th, (x.unsqueeze(0), valid.unsqueeze(0), batched_sims)).squeeze(0)
-
-        x, valid, sims = inputs
-        return vmap(encode, in_dims=(0, 0, 0, None if sims is None else 0), randomness="different")(
-            local, x, valid, sims
-        )
 
 
 def warm_hidden(

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from training.export.build import export_model, load_torch_model
+    from training.export.build import export_model
     from training.export.run import export_bundle
 
-__all__ = ["export_bundle", "export_model", "load_torch_model"]
+__all__ = ["export_bundle", "export_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,8 +24,8 @@ def __getattr__(name: str) -> Any:
         from training.export.run import export_bundle
 
         return export_bundle
-    if name in ("export_model", "load_torch_model"):
-        from training.export import build
+    if name == "export_model":
+        from training.export.build import export_model
 
-        return getattr(build, name)
+        return export_model
     raise AttributeError(f"module 'training.export' has no attribute {name!r}")

@@ -44,7 +44,7 @@ from mml.bundle_loader import (
 )
 from mml.encoders import ENCODER_FILES
 from mml.errors import DataError, MMLError
-from model.config import ModelConfig
+from model.from_bundle import FEATURE_BUFFERS
 from model.mml import MML
 from training.export.onnx_graphs import example_inputs, export_graph, graph_modules, run_torch
 from training.export.tables import (
@@ -60,7 +60,6 @@ VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # safe as a 
 # ONNX Runtime vs eager on every output and the fused scores: max abs error over max(1, max |value|)
 # (float32 rounding grows with the scores' magnitude; the tests check 1e-4 absolute on ML-1M)
 PARITY_RTOL = 1e-4
-FEATURE_BUFFERS = ("text", "image", "image_mask")  # shipped in tables/items.npz, not in torch/
 GRAPH_DOCS = {
     "learner_id": "MML ID learner, paper Eq. 1-8: right-padded sequence -> last-layer hidden states",
     "learner_text": "MML text learner, Sec. 4.2.2: right-padded sequence -> last-layer hidden states",
@@ -200,30 +199,6 @@ def _write_torch(model: MML, root: Path, warmup: dict[str, Any] | None) -> None:
         "warmup": warmup or {},
     }
     (root / TORCH_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_torch_model(bundle_dir: str | Path) -> MML:
-    """The eager model of a bundle (for warm-up with gradients): torch/ + the feature tables."""
-    bundle = load_bundle(bundle_dir, roles=())
-    if bundle.torch_dir is None:
-        raise MMLError(f"{bundle_dir}: this bundle ships no torch/ weights")
-    config = json.loads((Path(bundle_dir) / TORCH_CONFIG).read_text())
-    t = bundle.tables
-    model = MML(
-        ModelConfig.model_validate(config["model"]),
-        config["n_old_items"],
-        t["text"].copy(),
-        t["image"].copy(),
-        t["image_mask"].copy(),
-        neighbours=np.zeros((len(t["text"]), config["model"]["n_neighbours"]), dtype=np.int64),
-    )
-    state = torch.load(Path(bundle_dir) / TORCH_STATE, weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(FEATURE_BUFFERS):
-        raise MMLError(
-            f"{bundle_dir}: torch/ weights do not fit the model (missing {missing}, unexpected {unexpected})"
-        )
-    return model.eval()
 
 
 def export_model(
