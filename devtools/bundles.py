@@ -178,3 +178,23 @@ def synthetic_bundle(
         cooc_window=COOC_WINDOW if cooc_neighbours else None,
     )
     return out
+
+
+def batch_feeds(bundle, rows: list[list[int]]) -> dict:
+    """Graph feeds of a BATCH of catalogue-row histories, right-padded to max_len (the most recent
+    max_len kept; an empty history is all pad): what the export tests push through the sequence
+    graphs directly. The service feeds one history at a time (`service.runtime.Runtime`)."""
+    import numpy as np
+
+    t, length = bundle.tables, bundle.dims.max_len
+    seq = np.zeros((len(rows), length), dtype=np.int64)
+    for b, history in enumerate(rows):
+        history = np.asarray(history, dtype=np.int64)[-length:]
+        seq[b, : len(history)] = history
+    return {
+        "item_emb": t["id_emb"][seq],
+        "text": t["text"][seq],
+        "image": t["image"][seq],
+        "image_mask": t["image_mask"][seq],
+        "valid": seq > 0,
+    }

@@ -143,10 +143,10 @@ def bundle_queries(bundle, n: int, rng: np.random.Generator) -> np.ndarray:
         rng.choice(len(p), size=int(rng.integers(1, bundle.dims.max_len + 1)), replace=False, p=p) + 1
         for _ in range(n)
     ]
-    out = []
-    for start in range(0, n, 64):
-        query, _ = bundle.query(bundle.histories(rows[start : start + 64]))
-        out.append(query)
+    from service.runtime import Runtime
+
+    runtime = Runtime(bundle)
+    out = [runtime.query(runtime.history_inputs(history))[0] for history in rows]
     return np.ascontiguousarray(np.concatenate(out), np.float32)
 
 

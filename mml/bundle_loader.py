@@ -1,8 +1,10 @@
 """Load a serving bundle (torch-free): verify it, then build every runtime object it describes.
 
     bundle = load_bundle("artifacts/bundles/quick")       # BundleError if anything is wrong
-    query, bias = bundle.query(bundle.histories([[12, 7, 430]]))
-    scores = bundle.scores(query[0], bias[0])           # (N+1,) fused scores, row 0 (pad) = -inf
+    out = bundle.run("recall", **feeds)                  # one graph by role (GRAPH_IO)
+
+Inference over a loaded bundle (histories -> padded inputs -> query -> scores) has one API, the
+service's `service.runtime.Runtime`; this module only loads and checks.
 
 Order of work in `load_bundle`:
 1. `mml.bundle.verify_bundle`: the format version and the size + sha256 of every listed file.
@@ -142,36 +144,6 @@ class LoadedBundle:
         if role not in self.sessions:
             raise MMLError(f"bundle {self.root} has no graph '{role}' open (has {sorted(self.sessions)})")
         return _sequence_length(self.sessions[role].get_inputs()[0].shape)
-
-    def histories(self, rows: list[list[int]] | list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Catalogue-row histories (oldest first) -> right-padded learner inputs (B, L, ...). A
-        history longer than max_len keeps its most recent max_len items; an empty one is all-pad."""
-        dims, t = self.dims, self.tables
-        length = dims.max_len
-        seq = np.zeros((len(rows), length), dtype=np.int64)
-        for b, history in enumerate(rows):
-            history = np.asarray(history, dtype=np.int64)[-length:]
-            if len(history) and (history.min() < 1 or history.max() > dims.n_items):
-                raise MMLError(f"history {b}: rows must be in 1..{dims.n_items}")
-            seq[b, : len(history)] = history
-        return {
-            "item_emb": t["id_emb"][seq],
-            "text": t["text"][seq],
-            "image": t["image"][seq],
-            "image_mask": t["image_mask"][seq],
-            "valid": seq > 0,
-        }
-
-    def query(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Learner inputs -> (query (B, 3d), bias (B,)) through recall.onnx."""
-        out = self.run("recall", **inputs)
-        return out["query"], out["bias"]
-
-    def scores(self, query: np.ndarray, bias: float) -> np.ndarray:
-        """One query (3d,) -> fused scores (N+1,) of the catalogue; row 0 (pad) is -inf."""
-        scores = self.items_concat @ np.asarray(query, dtype=np.float32) + np.float32(bias)
-        scores[0] = -np.inf
-        return scores
 
 
 def _read_verified(root: Path, manifest: Manifest, rel: str) -> bytes:

@@ -117,8 +117,16 @@ class AdaptingModel:
             support = support_tasks(items[None, :], self.runtime.dims.max_len, model.n_items, rng).torch()
         hidden = {
             name: adapted_hidden(
-                model, name, support, seq, steps, self.lr, self.loss,
-                id_table=ext["id_table"], table=ext["tables"][name], group=self.group,
+                model,
+                name,
+                support,
+                seq,
+                steps,
+                self.lr,
+                self.loss,
+                id_table=ext["id_table"],
+                table=ext["tables"][name],
+                group=self.group,
             )  # fmt: skip
             for name in LEARNERS
         }

@@ -120,10 +120,7 @@ class Runtime:
         (first-run allocations and shape planning happen here, not in a request)."""
         rows = self.popular_rows[: min(3, len(self.popular_rows))]
         for length in self.length_buckets:
-            history = np.resize(rows, length)  # the popular rows repeated to the bucket length
-            x = self.sequence_inputs(
-                self.id_emb[history], self.text[history], self.image[history], self.image_mask[history]
-            )
+            x = self.history_inputs(np.resize(rows, length))  # popular rows repeated to the bucket length
             self.query(x)
             if self.has_cooc:
                 self.query_cooc(x)
@@ -155,6 +152,23 @@ class Runtime:
         x.image_mask[0, :n] = image_mask
         x.valid[0, :n] = True
         return x
+
+    def history_inputs(self, rows: np.ndarray | list[int]) -> SequenceInputs:
+        """Catalogue rows of one history (oldest first; the most recent max_len are kept) -> its
+        padded inputs (`sequence_inputs`)."""
+        rows = np.asarray(rows, dtype=np.int64)[-self.dims.max_len :]
+        if len(rows) and (rows.min() < 1 or rows.max() > self.dims.n_items):
+            raise ValueError(f"history rows must be in 1..{self.dims.n_items}")
+        return self.sequence_inputs(
+            self.id_emb[rows], self.text[rows], self.image[rows], self.image_mask[rows]
+        )
+
+    def catalogue_scores(self, query: np.ndarray, bias: float) -> np.ndarray:
+        """One query (3d,) -> the fused score (N+1,) of every catalogue row; row 0 (pad) is -inf.
+        What `ExactTopK` ranks, as one vector (brute-force checks, offline tools)."""
+        scores = self.items_concat @ np.asarray(query, dtype=np.float32) + np.float32(bias)
+        scores[0] = -np.inf
+        return scores
 
     def padded_length(self, n: int) -> int:
         """The smallest length bucket that holds n items (max_len for a fixed-length bundle)."""

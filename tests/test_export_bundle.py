@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.bundles import batch_feeds
 from mml.bundle import FORMAT_VERSION, MANIFEST, read_manifest, verify_bundle, write_manifest
 from mml.bundle_loader import (
     GRAPH_FILES,
@@ -206,12 +207,13 @@ def test_a_failed_load_leaves_the_current_bundle_in_service(
     """Every part is built before the LoadedBundle exists: a bad part refuses the whole bundle, and
     the bundle a caller already holds keeps answering."""
     current = load_bundle(bundle_dir)
-    query, bias = current.query(current.histories([[1, 2, 3]]))
+    feeds = batch_feeds(current, [[1, 2, 3]])
+    query, bias = (current.run("recall", **feeds)[k] for k in ("query", "bias"))
     _rewrite(copy, rel, b"not what it claims to be")
     verify_bundle(copy)  # checksums agree: only loading can tell
     with pytest.raises(BundleError, match=match):
         load_bundle(copy)
-    again, again_bias = current.query(current.histories([[1, 2, 3]]))
+    again, again_bias = (current.run("recall", **feeds)[k] for k in ("query", "bias"))
     np.testing.assert_array_equal(again, query)
     np.testing.assert_array_equal(again_bias, bias)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
+from devtools.bundles import batch_feeds
 from mml.bundle import read_manifest, write_manifest
 from mml.bundle_loader import GRAPH_FILES, GRAPH_IO, SEQUENCE_ROLES, LoadedBundle, load_bundle
 from mml.cooc import build_table
@@ -109,7 +110,7 @@ def test_learner_and_fusion_graphs_match_eager(exported, case: str) -> None:
     model, bundle, split = exported
     rows = _cases(model, split)[case]
     seq = _sequences(rows, model.cfg.max_len)
-    inputs = bundle.histories(rows)
+    inputs = batch_feeds(bundle, rows)
     assert np.array_equal(inputs["valid"], (seq > 0).numpy())
     modules = graph_modules(model, *fusion_moments(item_vectors(model)))
     with torch.no_grad():
@@ -136,11 +137,12 @@ def test_learner_and_fusion_graphs_match_eager(exported, case: str) -> None:
 def test_fused_scores_of_the_bundle_match_eager(exported, case: str) -> None:
     model, bundle, split = exported
     rows = _cases(model, split)[case]
-    query, bias = bundle.query(bundle.histories(rows))
+    out = bundle.run("recall", **batch_feeds(bundle, rows))
+    query, bias, runtime = out["query"], out["bias"], Runtime(bundle)
     with torch.no_grad():
         eager, _ = model.scores(_sequences(rows, model.cfg.max_len))
     for b in range(len(rows)):
-        got = bundle.scores(query[b], bias[b])
+        got = runtime.catalogue_scores(query[b], bias[b])
         assert got[0] == -np.inf and np.isfinite(got[1:]).all()
         np.testing.assert_allclose(got[1:], eager[b, 1:].numpy(), atol=ATOL, rtol=0)
         # the same ranking, apart from items whose eager scores tie within ATOL
@@ -151,7 +153,7 @@ def test_fused_scores_of_the_bundle_match_eager(exported, case: str) -> None:
 
 def test_split_graphs_equal_the_combined_recall_graph(exported) -> None:
     model, bundle, split = exported
-    inputs = bundle.histories(_cases(model, split)["mixed padding"])
+    inputs = batch_feeds(bundle, _cases(model, split)["mixed padding"])
     hidden = {
         role: bundle.run(role, **{k: inputs[k] for k in GRAPH_IO[role][0]})["hidden"]
         for role in ("learner_id", "learner_text", "learner_image")
@@ -199,15 +201,15 @@ def test_graphs_take_any_batch_size_and_any_length_up_to_max_len(exported) -> No
     model, bundle, split = exported
     for batch in (1, 5):
         rows = [[int(i) for i in split.old_seqs[b][:4]] for b in range(batch)]
-        out = bundle.run("recall", **bundle.histories(rows))
+        out = bundle.run("recall", **batch_feeds(bundle, rows))
         assert out["query"].shape == (batch, 3 * model.cfg.d) and out["bias"].shape == (batch,)
-        short = bundle.run("recall", **{k: v[:, :4] for k, v in bundle.histories(rows).items()})
+        short = bundle.run("recall", **{k: v[:, :4] for k, v in batch_feeds(bundle, rows).items()})
         np.testing.assert_allclose(short["query"], out["query"], atol=1e-5, rtol=0)
     for role in SEQUENCE_ROLES:
         assert bundle.sequence_length(role) is None, role  # dynamic
         graph = onnx.load(str(bundle.root / GRAPH_FILES[role]), load_external_data=False)
         assert all(i.type.tensor_type.shape.dim[1].dim_param == "length" for i in graph.graph.input), role
-    full = bundle.histories([[1, 2]])
+    full = batch_feeds(bundle, [[1, 2]])
     longer = {k: np.concatenate([v, v[:, :1]], axis=1) for k, v in full.items()}  # max_len + 1
     for wrong in (longer, {**full, "valid": full["valid"][:, :-1]}):  # too long; lengths that differ
         with pytest.raises((Fail, InvalidArgument), match="(?i)broadcast"):
@@ -265,11 +267,6 @@ def _eager_query(model: MML, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return query.numpy(), bias.numpy()
 
 
-def _served_inputs(runtime: Runtime, rows: list[int]):
-    t = runtime.bundle.tables
-    return runtime.sequence_inputs(
-        t["id_emb"][rows], t["text"][rows], t["image"][rows], t["image_mask"][rows]
-    )
 
 
 @pytest.mark.parametrize("n", sorted(SERVED_LENGTHS))
@@ -278,14 +275,14 @@ def test_served_dynamic_length_equals_eager_and_max_len_padding(served, n: int) 
     assert dynamic.length_buckets == (8, 16, 24, 32, 40, 48, 50) and fixed.length_buckets == (50,)
     rows = [int(r) for r in np.random.default_rng(n).permutation(np.arange(1, model.n_items + 1))[:n]]
     assert not model.image_mask[rows].all() or n < 9  # longer histories include items without a poster
-    x = _served_inputs(dynamic, rows)
+    x = dynamic.history_inputs(rows)
     assert x.valid.shape == (1, SERVED_LENGTHS[n]) and x.valid.sum() == n
     query, bias = dynamic.query(x)
     expected_query, expected_bias = _eager_query(model, rows)
     np.testing.assert_allclose(query, expected_query, atol=1e-5, rtol=0)
     np.testing.assert_allclose(bias, expected_bias, atol=1e-5, rtol=0)
-    padded = dynamic.bundle.run("recall", **dynamic.bundle.histories([rows]))  # the same graph at max_len
-    x_fixed = _served_inputs(fixed, rows)
+    padded = dynamic.bundle.run("recall", **batch_feeds(dynamic.bundle, [rows]))  # the same graph at max_len
+    x_fixed = fixed.history_inputs(rows)
     assert x_fixed.valid.shape == (1, model.cfg.max_len)
     fixed_query, fixed_bias = fixed.query(x_fixed)  # a fixed-length graph, padded to max_len
     for other_query, other_bias in ((padded["query"], padded["bias"]), (fixed_query, fixed_bias)):
@@ -293,7 +290,7 @@ def test_served_dynamic_length_equals_eager_and_max_len_padding(served, n: int) 
         np.testing.assert_allclose(bias, other_bias, atol=1e-5, rtol=0)
     with torch.no_grad():
         scores, _ = model.scores(_sequences([rows], model.cfg.max_len))
-    got = dynamic.bundle.scores(query[0], bias[0])
+    got = dynamic.catalogue_scores(query[0], bias[0])
     np.testing.assert_allclose(got[1:], scores[0, 1:].numpy(), atol=ATOL, rtol=0)
 
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.bundles import batch_feeds
 from mml.bundle_loader import load_bundle
+from service.runtime import Runtime
 
 pytestmark = pytest.mark.slow
 
@@ -118,13 +120,13 @@ def _assert_same_top(got: np.ndarray, expected: np.ndarray, k: int = TOP) -> int
 def test_fused_scores_onnx_vs_eager(exported, case: str) -> None:
     model, bundle, split, _, description = exported
     histories = _histories(model, split)[case]
-    inputs = bundle.histories(histories)
-    query, bias = bundle.query(inputs)
+    out = bundle.run("recall", **batch_feeds(bundle, histories))
+    query, bias, runtime = out["query"], out["bias"], Runtime(bundle)
     assert np.isfinite(query).all() and np.isfinite(bias).all()
     expected = _eager_scores(model, histories)
     assert np.isfinite(expected[:, 1:]).all()
     for b in range(len(histories)):
-        got = bundle.scores(query[b], bias[b])
+        got = runtime.catalogue_scores(query[b], bias[b])
         assert np.isfinite(got[1:]).all()
         error = np.abs(got[1:] - expected[b, 1:]).max()
         assert error <= ATOL, f"{case} [{b}] ({description}): max abs difference {error:.2e}"
@@ -133,9 +135,9 @@ def test_fused_scores_onnx_vs_eager(exported, case: str) -> None:
 
 def test_all_pad_history_is_finite(exported) -> None:
     model, bundle, _, _, _ = exported
-    out = bundle.run("recall", **bundle.histories([[]]))
+    out = bundle.run("recall", **batch_feeds(bundle, [[]]))
     assert all(np.isfinite(v).all() for v in out.values())
-    hidden = bundle.run("learner_id", **bundle.histories([[]]))["hidden"]
+    hidden = bundle.run("learner_id", **batch_feeds(bundle, [[]]))["hidden"]
     assert np.isfinite(hidden).all()
 
 

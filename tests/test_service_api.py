@@ -24,6 +24,7 @@ from devtools.harness import ThreadedServer
 from mml.bundle_loader import load_bundle
 from service.app import create_app
 from service.config import load_settings
+from service.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / ".cache" / "test-artifacts" / "service-bundles"
@@ -130,8 +131,9 @@ def test_recall_equals_the_bundle_computed_directly(server, loaded):
     assert not body["fallback"] and not body["degraded"] and body["ignored"] == []
     # the same history through mml.bundle_loader, by hand
     rows = [loaded.row_of[i] for i in history]
-    query, bias = loaded.query(loaded.histories([rows]))
-    scores = loaded.scores(query[0], bias[0])
+    runtime = Runtime(loaded)
+    query, bias = runtime.query(runtime.history_inputs(rows))
+    scores = runtime.catalogue_scores(query[0], bias[0])
     scores[rows] = -np.inf  # exclude_history
     expected = np.argsort(-scores, kind="stable")[:20]
     assert [it["item_id"] for it in body["items"]] == [str(loaded.tables["item_id"][i]) for i in expected]
@@ -240,9 +242,10 @@ def test_new_item_with_a_real_poster(server, mirror, loaded):
     table = server.app.state.service.deployment.snapshots[Path(loaded.root).absolute()].new_items
     row = table.concat[table.index["new-bug"]]
     rows = [loaded.row_of[i] for i in ["2355", "1", "2294"]]
-    query, bias = loaded.query(loaded.histories([rows]))
+    runtime = Runtime(loaded)
+    query, bias = runtime.query(runtime.history_inputs(rows))
     expected = float(row @ query[0] + bias[0])
-    catalogue = loaded.scores(query[0], bias[0])
+    catalogue = runtime.catalogue_scores(query[0], bias[0])
     catalogue[rows] = -np.inf
     rank = int((catalogue > expected).sum())
     got = c.post("/recall", json={"user_id": "u5", "history": ["2355", "1", "2294"], "k": 1000}).json()[

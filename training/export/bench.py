@@ -95,6 +95,7 @@ def run(context: dict) -> dict:
     from mml.bundle_loader import load_bundle
     from model.learners import last_hidden
     from model.mml import LEARNERS
+    from service.runtime import Runtime
     from training.export.build import export_model
     from training.export.tables import serving_model
 
@@ -107,11 +108,11 @@ def run(context: dict) -> dict:
         start = time.perf_counter()
         export_model(served, Path(tmp) / "bundle", item_ids=item_ids, popularity=popularity)
         export_seconds = time.perf_counter() - start
-        bundle = load_bundle(Path(tmp) / "bundle", intra_op_num_threads=1)
+        runtime = Runtime(load_bundle(Path(tmp) / "bundle", intra_op_num_threads=1))
 
-    def onnx_request() -> np.ndarray:
-        query, bias = bundle.query(bundle.histories([history]))
-        scores = bundle.scores(query[0], bias[0])
+    def onnx_request() -> np.ndarray:  # the service's inference path (service/runtime.py)
+        query, bias = runtime.query(runtime.history_inputs(history))
+        scores = runtime.catalogue_scores(query[0], bias[0])
         top = np.argpartition(-scores, TOP_K)[:TOP_K]
         return top[np.argsort(-scores[top], kind="stable")]
 

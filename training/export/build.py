@@ -161,8 +161,8 @@ def check_parity(model: MML, bundle_dir: Path, rtol: float = PARITY_RTOL) -> dic
             if not np.isfinite(value).all():
                 raise MMLError(f"export parity: graph '{role}' output '{name}' has NaN or infinite values")
             errors[f"{role}.{name}"] = _relative_error(value, expected[name])
-    query, bias = bundle.query({k: v.numpy() for k, v in sequence.items()})
-    fused = (bundle.items_concat[1:] @ query.T + bias).T  # (B, N)
+    out = bundle.run("recall", **{k: v.numpy() for k, v in sequence.items()})
+    fused = (bundle.items_concat[1:] @ out["query"].T + out["bias"]).T  # (B, N)
     eager, _ = model.scores(seq)
     errors["fused_scores"] = _relative_error(fused, eager[:, 1:].numpy())
     if model.has_cooc:  # the served co-occurrence fusion: dense closed form + the sparse cooc term
