@@ -19,7 +19,7 @@ export MML_DATA_MIRROR
 .PHONY: help setup run test bench results lint data features train export serve clean loadtest ab-replay
 
 help:
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,8 +29,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project
 
-data: $(STAMP) ## download (or mirror) ML-1M and build the cold-start split
-	$(BIN)/mml data prepare --out $(DATA)
+# Your own data instead of ML-1M: SOURCE = a folder in the generic format (docs/data.md), T = its
+# reference time (unix seconds or ISO-8601), DATA = where its split goes, e.g.
+#   make results DATA=artifacts/data/shop SOURCE=/data/shop T=2024-01-01T00:00:00Z
+SOURCE ?=
+T ?=
+data: $(STAMP) ## download (or mirror) ML-1M, or read SOURCE, and build the cold-start split
+	@if [ -z "$(SOURCE)" ] && [ "$(DATA)" != "$(ART)/data/ml-1m" ] && [ -f $(DATA)/meta.json ]; then \
+		echo "using the split already prepared in $(DATA)"; \
+	else $(BIN)/mml data prepare --out $(DATA) $(if $(SOURCE),--source $(SOURCE),) $(if $(T),--T $(T),); fi
 
 features: data ## encode item text and posters with the pretrained encoders
 	$(BIN)/mml data features --data $(DATA)
@@ -62,9 +69,12 @@ bench: $(STAMP) ## benchmarks -> docs/results/bench.json
 # every method of docs/results.md: baselines, MML and its ablations, MML + co-occurrence, the paper's
 # recipe, SASRec + co-occurrence; RQ4 points with one seed (2 CPU cores)
 EVAL_METHODS ?= pop,itemknn,sasrec,gru4rec,full_retrain,sasrec_ft,sml,cbml,metatl,pt_ft,mml,mml_cooc,no_gen,no_fusion,mml_id,mml_text,mml_image,mml_zero_shot,mml_paper,sasrec_cooc
-results: features ## regenerate the evaluation report from scratch (hours on 2 cores; resumes)
-	$(BIN)/mml evaluate --data $(DATA) --out docs/results --report docs/results.md --seeds 3 \
-		--methods $(EVAL_METHODS) --rq4-seeds 1
+# the report of ML-1M is docs/results.md; any other DATA gets docs/results-<its folder name>.md
+REPORT ?= $(if $(filter $(ART)/data/ml-1m,$(DATA)),docs/results.md,docs/results-$(notdir $(DATA)).md)
+EVAL_PROFILE ?= quick
+results: features ## regenerate the evaluation report (DATA=any prepared split; hours on 2 cores; resumes)
+	$(BIN)/mml evaluate --data $(DATA) --out docs/results --report $(REPORT) --seeds 3 \
+		--methods $(EVAL_METHODS) --rq4-seeds 1 --profile $(EVAL_PROFILE)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -267,8 +267,6 @@ def _eager_query(model: MML, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return query.numpy(), bias.numpy()
 
 
-
-
 @pytest.mark.parametrize("n", sorted(SERVED_LENGTHS))
 def test_served_dynamic_length_equals_eager_and_max_len_padding(served, n: int) -> None:
     model, dynamic, fixed = served

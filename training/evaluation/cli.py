@@ -28,7 +28,7 @@ def evaluate(
     seeds: int = typer.Option(3, "--seeds", min=1, help="seeds per method (0..n-1)"),
     settings: str = typer.Option(DEFAULT_SETTINGS, "--settings", help="comma-separated settings"),
     methods: str = typer.Option("", "--methods", help="comma-separated methods [default: all]"),
-    profile: str = typer.Option("quick", "--profile", help="quick | paper"),
+    profile: str = typer.Option("quick", "--profile", help="quick | full (the report's budget)"),
     data_cold_items: Path | None = typer.Option(
         None,
         "--data-cold-items",
