@@ -106,3 +106,19 @@ def test_paper_row_trains_the_papers_recipe(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["paper-paper-quick-seed0"]
     config = json.loads((tmp_path / "paper-paper-quick-seed0" / "config.json").read_text())
     assert config["stage1"]["loss"] == "bpr" and config["tasks"]["query_share"] == 0.0
+
+
+def test_evaluate_set_reaches_the_training_config_and_the_cache_key() -> None:
+    """`mml evaluate --set KEY=VALUE`: the MML rows train with it, and runs cached without it (or
+    with another value) are not reused."""
+    from training.evaluation.mml_rows import mml_method, train_config
+    from training.evaluation.runner import config_hash, get_profile
+
+    quick = get_profile("quick")
+    longer = quick.model_copy(update={"train_overrides": {"tasks": {"max_len": None}}})
+    assert config_hash("mml", longer) != config_hash("mml", quick)
+    assert config_hash("pop", longer) == config_hash("pop", quick)  # baselines are not MML's training
+    row = mml_method("mml_cooc", "quick", threads=1, overrides=longer.train_overrides)
+    cfg = train_config(row.kind, row.train_profile, 0, row.overrides)
+    assert cfg.tasks.max_len is None and cfg.threads == 1
+    assert train_config("mml", "quick", 0).tasks.max_len == 21

@@ -48,6 +48,12 @@ def evaluate(
     rq4_seeds: int | None = typer.Option(
         None, "--rq4-seeds", min=1, help="seeds of the RQ4 points [default: --seeds]"
     ),
+    set_: list[str] = typer.Option(
+        None,
+        "--set",
+        help="KEY=VALUE training setting for MML, its ablations and PT-FT, as `mml train --set` "
+        "(experiments: the cache goes to <profile>+set-<hash> unless --cache is given)",
+    ),
 ) -> None:
     """Evaluate every method on the cold-start protocol and write the JSON results and the report."""
     import json
@@ -61,6 +67,16 @@ def evaluate(
 
     start = time.perf_counter()
     eval_profile = runner.get_profile(profile)
+    if set_:
+        import hashlib
+
+        from training.cli import parse_settings
+
+        overrides = parse_settings(set_)
+        digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+        eval_profile = eval_profile.model_copy(
+            update={"train_overrides": overrides, "name": f"{eval_profile.name}+set-{digest}"}
+        )
     chosen_settings = _names(settings, runner.SETTINGS, "--settings")
     chosen_methods = _names(methods, runner.ALL_METHODS, "--methods") if methods else list(runner.METHODS)
     stats_path = data / "stats.json"
@@ -119,6 +135,7 @@ def evaluate(
             + ([] if rq4 else ["--no-rq4"])
             + (["--cached-only"] if cached_only else [])
             + ([f"--rq4-seeds {rq4_seeds}"] if rq4 and rq4_seeds else [])
+            + [f"--set {item}" for item in set_ or []]
         ),
         "seconds": run_seconds + rq4_seconds,
         "seconds_rq4": rq4_seconds,

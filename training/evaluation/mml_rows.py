@@ -189,5 +189,9 @@ class MMLRow(Method):
         return scores
 
 
-def mml_method(name: str, train_profile: str, threads: int | None = None) -> Method:
-    return MMLRow(name, train_profile, overrides={"threads": threads} if threads else None)
+def mml_method(
+    name: str, train_profile: str, threads: int | None = None, overrides: dict[str, Any] | None = None
+) -> Method:
+    """The row `name` trained with `train_profile` plus `overrides` (`mml train --set` settings)."""
+    settings = {**(overrides or {}), **({"threads": threads} if threads else {})}
+    return MMLRow(name, train_profile, overrides=settings or None)

@@ -82,6 +82,11 @@ class EvalProfile(BaseModel):
         description="co-occurrence windows tried (None = whole user)"
     )
     train_profile: str = Field(description="`mml train --profile` for MML, its ablations and PT-FT")
+    train_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`mml train --set` settings on top of `train_profile` for MML, its ablations and "
+        "PT-FT (`mml evaluate --set`, experiments; the report's profiles set none). A cache key",
+    )
     train_threads: int = Field(
         2, ge=1, description="torch threads of MML / PT-FT training (speed only, not a cache key)"
     )
@@ -182,9 +187,9 @@ def method_settings(name: str, profile: EvalProfile) -> dict[str, Any]:
     if name not in ROWS:  # a name no method of this harness carries (e.g. a test's own)
         return {"train_profile": profile.train_profile}
     # the whole TrainConfig of the row's run (seed aside): a change of recipe invalidates the cache
-    cfg = train_config(ROWS[name], profile.train_profile, seed=0).model_dump(
-        mode="json", exclude={"seed", "threads"}
-    )
+    cfg = train_config(
+        ROWS[name], profile.train_profile, seed=0, overrides=profile.train_overrides
+    ).model_dump(mode="json", exclude={"seed", "threads"})
     return {"train_profile": profile.train_profile, "training": cfg}
 
 
@@ -251,7 +256,9 @@ def build_method(name: str, profile: EvalProfile, chosen: dict[str, Any] | None 
     if name == "pt_ft" or name in MML_ROWS or name in OPTIONAL_ROWS:
         from training.evaluation.mml_rows import mml_method
 
-        return mml_method(name, profile.train_profile, threads=profile.train_threads)
+        return mml_method(
+            name, profile.train_profile, threads=profile.train_threads, overrides=profile.train_overrides
+        )
     raise MMLError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
 
