@@ -33,17 +33,12 @@ def cooccurrence(old_seqs: list[np.ndarray], n_items: int, window: int | None) -
         )
         presence.data[:] = 1.0  # a user counts once per item pair (duplicates summed by csr)
         counts = (presence.T @ presence).toarray().astype(np.float32)
-    else:
+    else:  # the co-occurrence learner's counts (mml/cooc.py), dense
+        from mml.cooc import counts as window_counts
+
         if window < 1:
             raise ValueError(f"itemknn window must be >= 1 or None, got {window}")
-        flat_pairs = []
-        for seq in old_seqs:
-            seq = np.asarray(seq, dtype=np.int64)
-            for shift in range(1, min(window, len(seq) - 1) + 1):
-                flat_pairs.append(seq[:-shift] * size + seq[shift:])
-        pairs = np.concatenate(flat_pairs) if flat_pairs else np.zeros(0, np.int64)
-        counts = np.bincount(pairs, minlength=size * size).reshape(size, size).astype(np.float32)
-        counts = counts + counts.T
+        counts = window_counts(old_seqs, n_items, window).toarray().astype(np.float32)
     np.fill_diagonal(counts, 0.0)
     return counts
 
