@@ -152,6 +152,8 @@ def test_recipe_end_to_end_with_warmup_grid_and_cooc(data, tmp_path):
     for layer in ("fusion", "fusion_cooc"):
         assert fusion["best"][layer] >= max(fusion["start"][layer].values()) - 1e-12, layer
     assert set(fusion["start"]["fusion_cooc"]) == {"uniform", "id", "text", "image", "cooc"}
+    for layer in ("fusion", "fusion_cooc"):  # training starts from uniform, whichever candidate is best
+        assert fusion["curve"][0][layer] == pytest.approx(fusion["start"][layer]["uniform"]), layer
     # the served table is D_old's whole table, not the held-out one stage 3 trained on
     from mml.cooc import build_table
     from training.checkpoint import load_model

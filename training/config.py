@@ -138,9 +138,9 @@ class Stage3Config(_Frozen):
     )
     select: bool = Field(
         False,
-        description="validation selection (deviation, docs/model.md): each fusion layer starts from the best "
-        "on the validation item of {uniform, each learner alone} and ends at its best state measured after "
-        "every batch, so it is never worse there than its best learner",
+        description="validation selection (deviation, docs/model.md): each fusion layer trains from its "
+        "initial (uniform) state and ends at its best state on the validation item, measured after every "
+        "batch, among those and {uniform, each learner alone}, so it is never worse there than its best learner",
     )
 
 

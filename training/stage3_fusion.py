@@ -112,7 +112,7 @@ def train_stage3(
     if s3.select and validation is not None:
         model.eval()
         selection = FusionSelection(model, cfg, validation, cooc if model.has_cooc else None)
-        started_from = selection.start_from_best_candidate()
+        started_from = selection.candidates_to_beat()
         selection.keep(0)
     users = rng.permutation(len(old_seqs))[: max(1, int(round(s3.user_fraction * len(old_seqs))))]
     sampled = [old_seqs[i] for i in users]
@@ -213,9 +213,13 @@ class FusionSelection:
         self.curve.append(point)
 
     @torch.no_grad()
-    def start_from_best_candidate(self) -> dict[str, dict[str, float]]:
-        """Each layer starts from the best of: its initial state (uniform), or each learner alone
-        (the other learners' Eq. 9 scale gamma set to 0; the co-occurrence scale to ~0)."""
+    def candidates_to_beat(self) -> dict[str, dict[str, float]]:
+        """The states each layer must beat: its initial state (uniform) and each learner alone (the
+        other learners' Eq. 9 scale gamma set to 0; the co-occurrence scale to ~0). The best of them
+        is kept as the layer's best state, so `restore` never returns a layer worse on validation
+        than its best learner, but training starts from the initial state: a learner-alone state
+        cannot be trained out of (exp(theta_c) at theta_c = -20 has no gradient, so a layer started
+        there never brings the co-occurrence learner back)."""
         tried: dict[str, dict[str, float]] = {}
         for layer, module in self.layers.items():
             initial = {k: v.clone() for k, v in module.state_dict().items()}
@@ -237,7 +241,8 @@ class FusionSelection:
                 module.load_state_dict(state)
                 tried[layer][name] = self.score(layer)
             best = max(tried[layer], key=tried[layer].get)
-            module.load_state_dict(candidates[best])
+            self.best[layer] = (tried[layer][best], candidates[best])
+            module.load_state_dict(initial)
         return tried
 
     def restore(self) -> dict[str, float]:
