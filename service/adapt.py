@@ -3,9 +3,10 @@ imported only when an arm asks for it, never on the service's default path.
 
 The paper adapts the meta-learned model to each new user's support items before predicting. Here
 the request's own history is the support set: every prefix -> next-item pair of it (the most recent
-max_len items), the same local update as training's warm-up (`model.adapt.adapted_hidden`: SGD on each learner's
-Theta, or the part of it the bundle's warm-up names, one uniform negative per position for BPR), `adapt_steps` steps at the warm-up learning rate
-recorded in the bundle (`torch/model.json`). ONNX Runtime cannot take gradients, so the bundle's
+max_len items), the same local update as training's warm-up (`model.adapt.adapted_hidden`: SGD on
+each learner's Theta, or the part of it the bundle's warm-up names, one uniform negative per
+position for BPR), `adapt_steps` steps at the warm-up learning rate recorded in the bundle
+(`torch/model.json`). ONNX Runtime cannot take gradients, so the bundle's
 eager model (`torch/`, loaded by `model.from_bundle.load_torch_model`) runs this path.
 
 After adaptation the fusion weights and user vectors give (query, bias) in the same closed form as

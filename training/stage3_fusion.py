@@ -112,8 +112,7 @@ def train_stage3(
     if s3.select and validation is not None:
         model.eval()
         selection = FusionSelection(model, cfg, validation, cooc if model.has_cooc else None)
-        started_from = selection.candidates_to_beat()
-        selection.keep(0)
+        started_from = selection.candidates_to_beat()  # also the curve's step 0 (uniform)
     users = rng.permutation(len(old_seqs))[: max(1, int(round(s3.user_fraction * len(old_seqs))))]
     sampled = [old_seqs[i] for i in users]
     if model.has_cooc:
@@ -243,6 +242,7 @@ class FusionSelection:
             best = max(tried[layer], key=tried[layer].get)
             self.best[layer] = (tried[layer][best], candidates[best])
             module.load_state_dict(initial)
+        self.curve.append({"step": 0} | {layer: scores["uniform"] for layer, scores in tried.items()})
         return tried
 
     def restore(self) -> dict[str, float]:
