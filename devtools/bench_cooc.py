@@ -19,10 +19,13 @@ Figures (ms; `mml` = the mml arm, `cooc` = the mml_cooc arm, same bundle, same r
                                           the request costs, without the time it waited for a core
                                           (on a machine shared with other jobs the wall figures
                                           mostly measure that wait)
-  recall_cooc_1m_stage_p50_ms, _p99_ms    the `cooc` stage's own code (CoocCandidates) over a 1M-item
-                                          catalogue: a random (N+1, M=100) neighbour table and a
-                                          random (N+1, 3d) item matrix, max_len-item histories
-                                          (the stage's worst case: 50 x 100 neighbours)
+  recall_cooc_1m_stage_p50_ms, _p99_ms    what the co-occurrence term costs over a 1M-item catalogue
+                                          served by an IVF top-k: the `cooc` stage (CoocScores) plus
+                                          the top-k's exact re-scoring and merge of the bonus rows
+                                          (service.topk.with_bonus) with the index's k = 100 best; a
+                                          random (N+1, M=100) neighbour table and (N+1, 3d) item
+                                          matrix, 9-item and max_len-item histories (the worst case:
+                                          50 x 100 neighbours)
 Target (mml/bench.py): the mml_cooc arm's p99 <= 10 ms per request; issue 14: p50 + <= 0.3 ms.
 """
 
@@ -176,13 +179,14 @@ def _http(bundle: Path, bodies: list[str]) -> dict:
 
 
 def _scale(max_len: int, d3: int) -> dict:
-    """The CoocCandidates stage's own code over a 1M-item catalogue (random table and item matrix:
-    the cost depends on the shapes, history x M neighbours gathered from N rows, not on the values)."""
+    """CoocScores + with_bonus over a 1M-item catalogue (random table and item matrix: the cost
+    depends on the shapes, history x M neighbours gathered from N rows, not on the values)."""
     from threadpoolctl import threadpool_limits
 
     from mml.cooc import CoocTable
-    from service.recall import CoocCandidates, RecallContext
+    from service.recall import CoocScores, RecallContext
     from service.schemas import RecallRequest
+    from service.topk import with_bonus
 
     threadpool_limits(limits=1)
     rng = np.random.default_rng(0)
@@ -198,7 +202,7 @@ def _scale(max_len: int, d3: int) -> dict:
         item_id_list=[str(i) for i in range(n + 1)],
     )
     snapshot = SimpleNamespace(runtime=runtime)
-    stage = CoocCandidates()
+    stage = CoocScores()
     out = {}
     for label, length in (("", 9), ("_long", max_len)):
         times, cpu = [], []
@@ -210,8 +214,11 @@ def _scale(max_len: int, d3: int) -> dict:
             ctx.excluded_rows = rows
             ctx.query = rng.standard_normal(d3).astype(np.float32)
             ctx.bias, ctx.cooc_weight = 0.1, 0.3
+            hits = np.sort(rng.choice(n, 100, replace=False) + 1)  # the index's k best
+            hit_scores = np.sort(rng.standard_normal(100).astype(np.float32))[::-1]
             start, start_cpu = time.perf_counter(), time.thread_time()
             stage(ctx)
+            with_bonus(hits, hit_scores, runtime.items_concat, ctx.query, ctx.cooc, 100)
             if i >= 20:  # the first calls: page faults of the freshly drawn arrays
                 cpu.append(time.thread_time() - start_cpu)
                 times.append(time.perf_counter() - start)

@@ -7,18 +7,18 @@
               right-padded inputs (new items with their generated embeddings)
     model     recall.onnx -> query (3d) + bias of the fused score               Model (adapt.AdaptingModel)
               (mml_cooc arms: recall_cooc.onnx, + the co-occurrence weight)     CoocModel
-    topk      dense candidates: fused scores of catalogue + new items, k best   DenseCandidates (Popular)
-    cooc      mml_cooc arms: the history's co-occurrence neighbours re-scored   CoocCandidates
-              with both parts of the fused score, k best
-    rank      candidate lists merged, exclusions applied, the k best            Rank
+    cooc      mml_cooc arms: the co-occurrence term of the fused score, sparse   CoocScores
+              (a bonus on the history's neighbours) + a shift every item holds
+    topk      fused scores (+ the cooc bonus) of catalogue + new items, k best   DenseCandidates (Popular)
+    rank      candidate lists merged, exclusions applied, the k best (+ shift)  Rank
     answer    response body, exposure record, metrics, Server-Timing            RecallRunner
 
 Each stage is an object with a `name` (its `Server-Timing` entry and `mml_recall_stage_seconds`
 label) and `__call__(ctx)`, reading and writing the typed fields of one `RecallContext` (each
 stage's docstring says which). An arm's chain is a tuple of stages (`mml_chain`,
 `mml_cooc_chain`, `popularity_chain`). A new source of candidates is one more stage that appends
-its list to `ctx.candidates` before `Rank`, as `CoocCandidates` does between `DenseCandidates` and
-`Rank`.
+its list to `ctx.candidates` before `Rank`, which merges the lists; a sparse term of the fused score
+is a stage before `topk` that leaves it in the context for the top-k to add, as `CoocScores` does.
 
 Stages only compute: the runner alone times them, records the metrics, the exposure and the
 `Server-Timing` header, once per request. A request reads one `ServingSnapshot` (service/snapshot.py)
@@ -44,7 +44,6 @@ from service.runtime import SequenceInputs
 from service.schemas import RecallRequest, RecallResponse
 from service.snapshot import ServingSnapshot
 from service.store import Store, StoreUnavailable
-from service.topk import top_k
 
 if TYPE_CHECKING:
     from service.lifecycle import Deployment
@@ -71,6 +70,7 @@ class RecallContext:
     query: np.ndarray | None = None  # model: (3d,)
     bias: float = 0.0  # model
     cooc_weight: float = 0.0  # model (mml_cooc): the co-occurrence learner's weight A_c * gamma_c >= 0
+    cooc: tuple[np.ndarray, np.ndarray] | None = None  # cooc: (catalogue rows, bonus) added by topk
     score_shift: float = 0.0  # cooc: the co-occurrence term every item holds; rank adds it to each score
     candidates: list[Scored] = field(default_factory=list)  # candidate stages: one list per source
     items: Scored = field(default_factory=list)  # rank: the answer
@@ -188,8 +188,9 @@ class CoocModel:
 
 
 class DenseCandidates:
-    """ctx.query/bias -> the k best of catalogue + new items by fused score, exclusions applied (the
-    snapshot's exact or IVF top-k); on fallback the popularity ranking. Appends to ctx.candidates."""
+    """ctx.query/bias (+ ctx.cooc's bonus) -> the k best of catalogue + new items by fused score,
+    exclusions applied (the snapshot's exact or IVF top-k); on fallback the popularity ranking.
+    Appends to ctx.candidates."""
 
     name = "topk"
 
@@ -199,31 +200,30 @@ class DenseCandidates:
             ctx.candidates.append(snap.popularity(k, ctx.excluded_rows))
         else:
             ctx.candidates.append(
-                snap.topk(ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snap.new_items)
+                snap.topk(
+                    ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snap.new_items, ctx.cooc
+                )
             )
 
 
-class CoocCandidates:
-    """The co-occurrence learner's candidates (mml_cooc arms), after DenseCandidates: ctx.known ->
-    the history's non-zero co-occurrence scores (mml.cooc.sparse_scores over the bundle's top-M
-    neighbour table) -> (bonus, shift) = mml.cooc.fused_cooc -> each neighbour's fused score
-    items_concat[row] . query + bias + bonus, excluded rows dropped, the k best appended to
-    ctx.candidates; ctx.score_shift = shift (skipped on fallback).
+class CoocScores:
+    """The co-occurrence learner's term of the fused score (mml_cooc arms), before DenseCandidates:
+    ctx.known -> the history's non-zero co-occurrence scores (mml.cooc.sparse_scores over the
+    bundle's top-M neighbour table) -> (bonus, shift) = mml.cooc.fused_cooc; excluded rows dropped
+    -> ctx.cooc = (rows ascending, bonus), ctx.score_shift = shift (skipped on fallback).
 
-    Exact with the dense top-k (mml.cooc.merge_topk's argument): bonus >= 0 and every item outside
-    the neighbour lists has bonus 0, so it scores at most the k-th dense score, and Rank's merge
-    (an item's best score) of the two lists is the fused top-k. Only the k best neighbours can reach
-    it, so the list is cut to k. The shift is the same for every item (catalogue and registered):
-    adding it keeps the order and makes the answer's scores the fused scores. Cost O(history x M)
-    (M = the table's width), never O(catalogue)."""
+    The fused score of an item is dense + bonus + shift: bonus >= 0 on the history's neighbours and
+    0 everywhere else, the shift the same for every item (catalogue and registered). The `topk`
+    stage adds the bonus to the dense scores it selects from (service/topk.py), so its k best are
+    the fused top-k; Rank adds the shift, which keeps the order and makes the answer's scores the
+    fused scores. Cost O(history x M) (M = the table's width), never O(catalogue)."""
 
     name = "cooc"
 
     def __call__(self, ctx: RecallContext) -> None:
         if ctx.fallback:
             return
-        rt, k = ctx.snapshot.runtime, ctx.request.k
-        table = rt.cooc
+        table = ctx.snapshot.runtime.cooc
         # the model's positions, oldest first: a registered new item is a row beyond the table (a
         # position of the recency weights, no co-occurrence: none until retraining puts it in D_old)
         beyond = table.n_items + 1
@@ -237,14 +237,8 @@ class CoocCandidates:
             keep = np.ones(len(rows), bool)
             keep[at[rows[at] == excluded]] = False
             rows, bonus = rows[keep], bonus[keep]
-        if not len(rows):
-            return
-        fused = np.take(rt.items_concat, rows, axis=0) @ ctx.query + np.float32(ctx.bias) + bonus
-        best = top_k(fused, k)
-        ids = rt.item_id_list
-        ctx.candidates.append(
-            [(ids[r], s) for r, s in zip(rows[best].tolist(), fused[best].tolist(), strict=True)]
-        )
+        if len(rows):
+            ctx.cooc = (rows, bonus.astype(np.float32, copy=False))
 
 
 class Popular:
@@ -300,7 +294,7 @@ def mml_chain(store: Store, model: Stage | None = None) -> tuple[Stage, ...]:
 def mml_cooc_chain(store: Store) -> tuple[Stage, ...]:
     """The `mml_cooc` arm: the MML learners fused with the co-occurrence learner (a bundle with
     recall_cooc and tables/cooc.npz)."""
-    return (ReadHistory(store), Encode(), CoocModel(), DenseCandidates(), CoocCandidates(), Rank())
+    return (ReadHistory(store), Encode(), CoocModel(), CoocScores(), DenseCandidates(), Rank())
 
 
 def popularity_chain(store: Store) -> tuple[Stage, ...]:

@@ -1,6 +1,9 @@
 """The `topk` stage of /recall: the k best items by fused score, exact or through a Faiss IVF index.
 
-    score(item) = items_concat[item] . query + bias        (bias: one constant per request)
+    score(item) = items_concat[item] . query + bias (+ bonus[item])
+
+bias is one constant per request; bonus an optional sparse term on some catalogue rows (>= 0; the
+co-occurrence learner's, service/recall.py CoocScores), 0 on every other item.
 
 `ExactTopK` scores every row (the catalogue, then the registered new items) and selects with
 `top_k`: O(items x 3d) per request, exact. `IvfTopK` answers the same question from a Faiss IVF
@@ -35,6 +38,10 @@ them with the index's k best. A search is one query on one thread (`faiss.omp_se
 on the request's thread: OpenMP keeps that count per thread, and `Runtime.load` sets it only on the
 thread that loads). The build runs with the loading thread's count: one in the service.
 
+**The bonus.** `ExactTopK` adds it to the score vector before selecting. `IvfTopK` searches the
+index by dense score alone, then re-scores the bonus rows exactly and keeps the k best of the union
+(`with_bonus`): every other item has bonus 0, so it scores at most the k-th hit of the index.
+
 **Exclusions** (history, exclude_ids, the pad) are over-fetched: the index is asked for
 k' + |excluded| hits (k' = k for `flat`, rerank x k otherwise), excluded ones are dropped; if that leaves fewer than k, the search is repeated
 with twice as many hits, or twice as many lists when the probed lists ran out (up to all of them);
@@ -48,6 +55,8 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mml.cooc import merge_topk
 
 AUTO_PROBE_DIVISOR, AUTO_MIN_PROBES = 6, 32  # automatic nprobe: nlist / 6, at least 32 (see nprobe)
 POINTS_PER_LIST = 1000  # automatic nlist: catalogue items / this, as loadtest/scale.py measured it
@@ -134,6 +143,19 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return part[order][:k]
 
 
+Bonus = tuple[np.ndarray, np.ndarray]  # (catalogue rows, values >= 0): a sparse term of the score
+
+
+def with_bonus(
+    ids: np.ndarray, scores: np.ndarray, items: np.ndarray, q: np.ndarray, bonus: Bonus, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of (items[row] . q + bonus) given the k best rows by items[row] . q alone (`ids`,
+    `scores`) and the bonus rows (not excluded): every other row has bonus 0 and scores at most the
+    k-th of `ids`, so the union's k best are the k best (mml.cooc.merge_topk)."""
+    rows, values = bonus
+    return merge_topk(ids, scores, rows, values, np.take(items, rows, axis=0) @ q, k)
+
+
 class ExactTopK:
     """Every catalogue row and new item scored, exclusions set to -inf, `top_k`."""
 
@@ -144,16 +166,26 @@ class ExactTopK:
         self.ids = item_ids
 
     def __call__(
-        self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table
+        self,
+        q: np.ndarray,
+        bias: float,
+        k: int,
+        excluded_rows: list[int],
+        excluded_new: list[int],
+        table,
+        bonus: Bonus | None = None,
     ) -> list[tuple[str, float]]:
         """(item_id, fused score) of the k best, best first. `excluded_rows`: catalogue rows;
-        `excluded_new`: positions in `table` (a service.items.TableSnapshot)."""
+        `excluded_new`: positions in `table` (a service.items.TableSnapshot); `bonus`: (catalogue
+        rows, values) added to those rows' scores (the co-occurrence term, service/recall.py)."""
         items = self.items
         scores = np.empty(len(items) + len(table), np.float32)
         np.matmul(items, q, out=scores[: len(items)])
         if len(table):
             np.matmul(table.concat, q, out=scores[len(items) :])
         scores += bias
+        if bonus is not None:
+            scores[bonus[0]] += bonus[1]
         scores[0] = -np.inf  # padding row
         scores[excluded_rows] = -np.inf
         scores[[len(items) + p for p in excluded_new]] = -np.inf
@@ -285,14 +317,26 @@ class IvfTopK:
         return ids[best], exact[best]
 
     def __call__(
-        self, q: np.ndarray, bias: float, k: int, excluded_rows: list[int], excluded_new: list[int], table
+        self,
+        q: np.ndarray,
+        bias: float,
+        k: int,
+        excluded_rows: list[int],
+        excluded_new: list[int],
+        table,
+        bonus: Bonus | None = None,
     ) -> list[tuple[str, float]]:
         """What `ExactTopK.__call__` answers, approximately: same arguments, same shape. The
-        catalogue comes from the index; the table's new items are scored exactly and merged."""
+        catalogue comes from the index; the table's new items are scored exactly and merged. A
+        `bonus` (rows not excluded) is exact on top of the index: its rows are re-scored exactly
+        and merged with the index's k best (`with_bonus`)."""
         self.faiss.omp_set_num_threads(1)  # OpenMP's count is per calling thread: pin this one to 1
         excluded = set(excluded_rows)
         excluded.discard(0)  # the pad is not in the index
-        ids, scores = self._search(np.asarray(q, np.float32), k, excluded)
+        q = np.asarray(q, np.float32)
+        ids, scores = self._search(q, k, excluded)
+        if bonus is not None:
+            ids, scores = with_bonus(ids, scores, self.items, q, bonus, k)
         names = self.ids
         found = [
             (names[i], s) for i, s in zip(ids.tolist(), (scores + np.float32(bias)).tolist(), strict=True)

@@ -1,6 +1,6 @@
 """The `mml_cooc` arm (issue 14): the MML learners fused with the co-occurrence learner, served as
 the union of the dense top-k and the history's co-occurrence neighbours (service/recall.py,
-CoocCandidates).
+CoocScores and the top-k's bonus).
 
 Exactness: the served top-k equals a brute-force fused ranking of the whole catalogue (+ registered
 new items), computed here from the bundle's arrays with mml.cooc.dense_scores (the dense (U, N+1)
@@ -61,14 +61,18 @@ def snapshot(request) -> ServingSnapshot:
     """A bundle with the co-occurrence learner and one registered new item (the features of a
     catalogue item; beyond the co-occurrence table's rows)."""
     name = "synthetic_cooc" if request.param == "synthetic" else "service_cooc_bundle"
-    runtime = Runtime.load(request.getfixturevalue(name))
+    return _snapshot(request.getfixturevalue(name), TopKConfig())
+
+
+def _snapshot(bundle: Path, topk: TopKConfig) -> ServingSnapshot:
+    runtime = Runtime.load(bundle)
     assert runtime.has_cooc
     registry = ItemRegistry(MemoryStore(), 100)
     row = int(runtime.popular_rows[3])
     text, image = runtime.text[row].copy(), runtime.image[row].copy()
     fp = runtime.encoder_fingerprint
     registry.register(ItemRecord(NEW, text, image, True, features_revision(text, image, True, fp), fp))
-    snap = BundleState(runtime, registry, TopKConfig()).next_snapshot(None)
+    snap = BundleState(runtime, registry, topk).next_snapshot(None)
     assert NEW in snap.new_items.index
     return snap
 
@@ -160,9 +164,12 @@ def test_served_topk_equals_the_brute_force_fused_ranking(snapshot):
         assert not ctx.fallback
         ids, scores = brute_force(snapshot, req)
         assert_exact(ctx.items, ids, scores, k)
-        if len(ctx.candidates) == 2:  # the history's neighbours overlap the dense top-k
-            dense_ids = {i for i, _ in ctx.candidates[0]}
-            overlaps += bool(dense_ids & {i for i, _ in ctx.candidates[1]})
+        if ctx.cooc is not None:  # the history's neighbours overlap the dense part's own top-k
+            dense = snapshot.topk(
+                ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snapshot.new_items
+            )
+            neighbours = {rt.item_id_list[r] for r in ctx.cooc[0].tolist()}
+            overlaps += bool({i for i, _ in dense} & neighbours)
         plain = run_chain(dense_chain, snapshot, req)  # the paper's fusion, without co-occurrence
         changed += [i for i, _ in plain.items] != [i for i, _ in ctx.items]
         if exclude_ids:
@@ -173,13 +180,37 @@ def test_served_topk_equals_the_brute_force_fused_ranking(snapshot):
     assert changed >= 10, changed  # the co-occurrence learner changes answers
 
 
+def test_an_ivf_topk_adds_the_bonus_exactly(synthetic_cooc):
+    """The IVF top-k merges the bonus rows, re-scored exactly, with the index's k best: with every
+    list probed over float rows the index is exact, and so is the fused answer."""
+    lists = 4
+    snap = _snapshot(
+        synthetic_cooc, TopKConfig(kind="ivf", min_items=0, codec="flat", nlist=lists, nprobe=lists)
+    )
+    assert snap.topk.kind == "ivf"
+    rng = np.random.default_rng(3)
+    chain = mml_cooc_chain(MemoryStore())
+    bonus_used = 0
+    for case in range(30):
+        history = _walk(snap.runtime, rng, int(rng.integers(1, 15)))
+        if case % 3 == 0:
+            history.append(NEW)
+        req = RecallRequest(user_id=f"u{case}", history=history, k=int(rng.choice([5, 20])),
+                            exclude_history=bool(case % 2))  # fmt: skip
+        ctx = run_chain(chain, snap, req)
+        bonus_used += ctx.cooc is not None
+        ids, scores = brute_force(snap, req)
+        assert_exact(ctx.items, ids, scores, req.k)
+    assert bonus_used >= 20, bonus_used
+
+
 def test_registered_new_item_competes_through_the_dense_part(snapshot):
     """Only a registered item in the history: no co-occurrence (beyond the table), the dense answer
     holds; a registered item is a candidate with shift added, like every catalogue item."""
     store = MemoryStore()
     req = everything(snapshot, history=[NEW], exclude_history=False)
     ctx = run_chain(mml_cooc_chain(store), snapshot, req)
-    assert not ctx.fallback and ctx.warmed_up == [NEW] and len(ctx.candidates) == 1
+    assert not ctx.fallback and ctx.warmed_up == [NEW] and ctx.cooc is None
     ids, scores = brute_force(snapshot, req)
     assert_exact(ctx.items, ids, scores, req.k)
     assert NEW in {i for i, _ in ctx.items}
@@ -223,7 +254,7 @@ def test_mml_cooc_arm_on_a_bundle_without_the_learner_is_refused(synthetic_plain
     deployment = build_deployment(config, synthetic_cooc, registry, store)
     assert deployment.arms["cooc-arm"].kind == "mml_cooc"
     assert [s.name for s in deployment.arms["cooc-arm"].chain] == [
-        "history", "encode", "model", "topk", "cooc", "rank"
+        "history", "encode", "model", "cooc", "topk", "rank"
     ]  # fmt: skip
 
     # adapt_steps is for kind mml only: the arms file is refused naming the arm
