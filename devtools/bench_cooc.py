@@ -218,7 +218,7 @@ def _scale(max_len: int, d3: int) -> dict:
             hit_scores = np.sort(rng.standard_normal(100).astype(np.float32))[::-1]
             start, start_cpu = time.perf_counter(), time.thread_time()
             stage(ctx)
-            with_bonus(hits, hit_scores, runtime.items_concat, ctx.query, ctx.cooc, 100)
+            with_bonus(hits, hit_scores, runtime.items_concat, ctx.query, ctx.cooc, 100, rows)
             if i >= 20:  # the first calls: page faults of the freshly drawn arrays
                 cpu.append(time.thread_time() - start_cpu)
                 times.append(time.perf_counter() - start)

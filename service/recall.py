@@ -10,15 +10,15 @@
     cooc      mml_cooc arms: the co-occurrence term of the fused score, sparse   CoocScores
               (a bonus on the history's neighbours) + a shift every item holds
     topk      fused scores (+ the cooc bonus) of catalogue + new items, k best   DenseCandidates (Popular)
-    rank      candidate lists merged, exclusions applied, the k best (+ shift)  Rank
+    rank      the candidates cut to k (+ the cooc shift)                        Rank
     answer    response body, exposure record, metrics, Server-Timing            RecallRunner
 
 Each stage is an object with a `name` (its `Server-Timing` entry and `mml_recall_stage_seconds`
 label) and `__call__(ctx)`, reading and writing the typed fields of one `RecallContext` (each
 stage's docstring says which). An arm's chain is a tuple of stages (`mml_chain`,
-`mml_cooc_chain`, `popularity_chain`). A new source of candidates is one more stage that appends
-its list to `ctx.candidates` before `Rank`, which merges the lists; a sparse term of the fused score
-is a stage before `topk` that leaves it in the context for the top-k to add, as `CoocScores` does.
+`mml_cooc_chain`, `popularity_chain`). Another learner with a sparse term of the fused score is a
+stage before `topk` that leaves the term in the context for the top-k to add, as `CoocScores` does:
+the top-k then stays the one place that selects and applies exclusions.
 
 Stages only compute: the runner alone times them, records the metrics, the exposure and the
 `Server-Timing` header, once per request. A request reads one `ServingSnapshot` (service/snapshot.py)
@@ -72,7 +72,7 @@ class RecallContext:
     cooc_weight: float = 0.0  # model (mml_cooc): the co-occurrence learner's weight A_c * gamma_c >= 0
     cooc: tuple[np.ndarray, np.ndarray] | None = None  # cooc: (catalogue rows, bonus) added by topk
     score_shift: float = 0.0  # cooc: the co-occurrence term every item holds; rank adds it to each score
-    candidates: list[Scored] = field(default_factory=list)  # candidate stages: one list per source
+    candidates: Scored = field(default_factory=list)  # topk: the k best, exclusions applied
     items: Scored = field(default_factory=list)  # rank: the answer
 
 
@@ -190,27 +190,25 @@ class CoocModel:
 class DenseCandidates:
     """ctx.query/bias (+ ctx.cooc's bonus) -> the k best of catalogue + new items by fused score,
     exclusions applied (the snapshot's exact or IVF top-k); on fallback the popularity ranking.
-    Appends to ctx.candidates."""
+    -> ctx.candidates."""
 
     name = "topk"
 
     def __call__(self, ctx: RecallContext) -> None:
         snap, k = ctx.snapshot, ctx.request.k
         if ctx.fallback:
-            ctx.candidates.append(snap.popularity(k, ctx.excluded_rows))
+            ctx.candidates = snap.popularity(k, ctx.excluded_rows)
         else:
-            ctx.candidates.append(
-                snap.topk(
-                    ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snap.new_items, ctx.cooc
-                )
+            ctx.candidates = snap.topk(
+                ctx.query, ctx.bias, k, ctx.excluded_rows, ctx.excluded_new, snap.new_items, ctx.cooc
             )
 
 
 class CoocScores:
     """The co-occurrence learner's term of the fused score (mml_cooc arms), before DenseCandidates:
     ctx.known -> the history's non-zero co-occurrence scores (mml.cooc.sparse_scores over the
-    bundle's top-M neighbour table) -> (bonus, shift) = mml.cooc.fused_cooc; excluded rows dropped
-    -> ctx.cooc = (rows ascending, bonus), ctx.score_shift = shift (skipped on fallback).
+    bundle's top-M neighbour table) -> (bonus, shift) = mml.cooc.fused_cooc -> ctx.cooc = (rows
+    ascending, bonus), ctx.score_shift = shift (skipped on fallback). Exclusions are the top-k's.
 
     The fused score of an item is dense + bonus + shift: bonus >= 0 on the history's neighbours and
     0 everywhere else, the shift the same for every item (catalogue and registered). The `topk`
@@ -231,12 +229,6 @@ class CoocScores:
         rows, scores = sparse_scores(table, history)
         bonus, shift = fused_cooc(scores, ctx.cooc_weight, table.n_items, COOC_EPS)
         ctx.score_shift = float(shift)
-        if ctx.excluded_rows and len(rows):  # rows are ascending: a binary search per excluded row
-            excluded = np.asarray(ctx.excluded_rows, np.int64)
-            at = np.minimum(np.searchsorted(rows, excluded), len(rows) - 1)
-            keep = np.ones(len(rows), bool)
-            keep[at[rows[at] == excluded]] = False
-            rows, bonus = rows[keep], bonus[keep]
         if len(rows):
             ctx.cooc = (rows, bonus.astype(np.float32, copy=False))
 
@@ -251,37 +243,20 @@ class Popular:
         excluded = [row_of[i] for i in req.exclude_ids or () if i in row_of]
         if req.exclude_history:
             excluded += [row_of[i] for i in ctx.history if i in row_of]
-        ctx.candidates.append(ctx.snapshot.popularity(req.k, excluded))
+        ctx.candidates = ctx.snapshot.popularity(req.k, excluded)
 
 
 class Rank:
-    """ctx.candidates -> ctx.items: one list is taken as it is (already excluded and sorted); several
-    are merged (an item's best score), the history/exclude_ids dropped, sorted, cut to k. A
-    ctx.score_shift (mml_cooc) is added to every score: the same for all, it keeps the order."""
+    """ctx.candidates (already excluded and sorted) -> ctx.items, cut to k. A ctx.score_shift
+    (mml_cooc) is added to every score: the same for all, it keeps the order."""
 
     name = "rank"
 
     def __call__(self, ctx: RecallContext) -> None:
-        k = ctx.request.k
-        if len(ctx.candidates) == 1:
-            ctx.items = ctx.candidates[0][:k]
-        else:
-            ctx.items = self._merge(ctx, k)
+        ctx.items = ctx.candidates[: ctx.request.k]
         if ctx.score_shift:
             shift = ctx.score_shift
             ctx.items = [(item_id, score + shift) for item_id, score in ctx.items]
-
-    @staticmethod
-    def _merge(ctx: RecallContext, k: int) -> Scored:
-        excluded = set(ctx.request.exclude_ids or ())
-        if ctx.request.exclude_history:
-            excluded.update(ctx.history)
-        best: dict[str, float] = {}
-        for source in ctx.candidates:
-            for item_id, score in source:
-                if item_id not in excluded and score > best.get(item_id, -np.inf):
-                    best[item_id] = score
-        return sorted(best.items(), key=lambda pair: -pair[1])[:k]
 
 
 def mml_chain(store: Store, model: Stage | None = None) -> tuple[Stage, ...]:

@@ -147,12 +147,22 @@ Bonus = tuple[np.ndarray, np.ndarray]  # (catalogue rows, values >= 0): a sparse
 
 
 def with_bonus(
-    ids: np.ndarray, scores: np.ndarray, items: np.ndarray, q: np.ndarray, bonus: Bonus, k: int
+    ids: np.ndarray,
+    scores: np.ndarray,
+    items: np.ndarray,
+    q: np.ndarray,
+    bonus: Bonus,
+    k: int,
+    excluded_rows: list[int] | np.ndarray = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of (items[row] . q + bonus) given the k best rows by items[row] . q alone (`ids`,
-    `scores`) and the bonus rows (not excluded): every other row has bonus 0 and scores at most the
-    k-th of `ids`, so the union's k best are the k best (mml.cooc.merge_topk)."""
+    `scores`, exclusions applied) and the bonus rows, `excluded_rows` dropped from them: every other
+    row has bonus 0 and scores at most the k-th of `ids`, so the union's k best are the k best
+    (mml.cooc.merge_topk)."""
     rows, values = bonus
+    if len(excluded_rows):
+        keep = ~np.isin(rows, excluded_rows)
+        rows, values = rows[keep], values[keep]
     return merge_topk(ids, scores, rows, values, np.take(items, rows, axis=0) @ q, k)
 
 
@@ -177,7 +187,8 @@ class ExactTopK:
     ) -> list[tuple[str, float]]:
         """(item_id, fused score) of the k best, best first. `excluded_rows`: catalogue rows;
         `excluded_new`: positions in `table` (a service.items.TableSnapshot); `bonus`: (catalogue
-        rows, values) added to those rows' scores (the co-occurrence term, service/recall.py)."""
+        rows, values) added to those rows' scores (the co-occurrence term, service/recall.py) before
+        the exclusions."""
         items = self.items
         scores = np.empty(len(items) + len(table), np.float32)
         np.matmul(items, q, out=scores[: len(items)])
@@ -328,7 +339,7 @@ class IvfTopK:
     ) -> list[tuple[str, float]]:
         """What `ExactTopK.__call__` answers, approximately: same arguments, same shape. The
         catalogue comes from the index; the table's new items are scored exactly and merged. A
-        `bonus` (rows not excluded) is exact on top of the index: its rows are re-scored exactly
+        `bonus` is exact on top of the index: its rows that are not excluded are re-scored exactly
         and merged with the index's k best (`with_bonus`)."""
         self.faiss.omp_set_num_threads(1)  # OpenMP's count is per calling thread: pin this one to 1
         excluded = set(excluded_rows)
@@ -336,7 +347,7 @@ class IvfTopK:
         q = np.asarray(q, np.float32)
         ids, scores = self._search(q, k, excluded)
         if bonus is not None:
-            ids, scores = with_bonus(ids, scores, self.items, q, bonus, k)
+            ids, scores = with_bonus(ids, scores, self.items, q, bonus, k, excluded_rows)
         names = self.ids
         found = [
             (names[i], s) for i, s in zip(ids.tolist(), (scores + np.float32(bias)).tolist(), strict=True)
